@@ -1,0 +1,1 @@
+"""The shared engine: data pipelines, training loop, evaluation, checkpoints, logging, benchmarking."""

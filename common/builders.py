@@ -1,0 +1,164 @@
+"""Builders: the model (with pretrained weights and head replacement), the optimizer and the LR schedule."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from common.checkpoint import load_checkpoint
+from common.errors import UserError
+from common.registry import ModelSpec, create_model
+
+log = logging.getLogger(__name__)
+
+
+def _pretrained_state_dict(spec: ModelSpec, pretrained: str) -> dict:
+    """A local file (raw state dict or one of our checkpoints), or a torchvision weights name via torch.hub."""
+    if Path(pretrained).exists():
+        state = load_checkpoint(pretrained)
+        return state.get("model", state)
+    if spec.torchvision_weights is None:
+        raise UserError(f"--pretrained {pretrained}: not a file, and {spec.name} has no torchvision weights")
+    import torchvision.models as tvm
+
+    weights_enum = getattr(tvm, spec.torchvision_weights)
+    name = pretrained.split(".")[-1]
+    if name.upper() == "DEFAULT":
+        name = "DEFAULT"
+    if not hasattr(weights_enum, name):
+        names = ", ".join(w.name for w in weights_enum)
+        raise UserError(f"--pretrained {pretrained}: not a file, nor one of {spec.torchvision_weights}: {names}")
+    weights = getattr(weights_enum, name)
+    try:
+        return weights.get_state_dict(progress=False, check_hash=True)
+    except Exception as e:  # noqa: BLE001 - network errors come in many types
+        raise UserError(f"--pretrained {pretrained}: download of {weights.url} failed ({e})") from None
+
+
+def load_pretrained(model: nn.Module, spec: ModelSpec, pretrained: str) -> None:
+    """Load weights key for key; tensors whose shape differs (a new classifier head) keep their fresh init."""
+    state = _pretrained_state_dict(spec, pretrained)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise UserError(
+            f"--pretrained {pretrained} does not fit {spec.name}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    reshaped = [k for k in own if own[k].shape != state[k].shape]
+    if reshaped and not all(k.startswith(spec.head + ".") for k in reshaped):
+        raise UserError(f"--pretrained {pretrained}: shapes differ outside the head ({spec.head}): {reshaped[:5]}")
+    if reshaped:
+        log.info("fine-tuning: new classifier head %s (%s)", spec.head, ", ".join(reshaped))
+    model.load_state_dict({k: v for k, v in state.items() if k not in reshaped}, strict=False)
+
+
+def freeze_backbone(model: nn.Module, spec: ModelSpec) -> None:
+    """Train only the head: backbone parameters stop requiring gradients and its BatchNorm layers become
+    torchvision's FrozenBatchNorm2d, so their statistics stay those of the pretrained weights."""
+    from torchvision.ops import FrozenBatchNorm2d
+
+    head = model.get_submodule(spec.head)
+    head_params = {id(p) for p in head.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in head_params)
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.BatchNorm2d):
+                frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
+                frozen.weight.copy_(child.weight.detach())
+                frozen.bias.copy_(child.bias.detach())
+                frozen.running_mean.copy_(child.running_mean)
+                frozen.running_var.copy_(child.running_var)
+                setattr(module, child_name, frozen)
+
+
+def build_model(
+    spec: ModelSpec,
+    num_classes: int,
+    width_mult: float | None = None,
+    pretrained: str | None = None,
+    freeze: bool = False,
+) -> nn.Module:
+    """The registered model with ``num_classes`` outputs, optionally from pretrained weights and frozen."""
+    model = create_model(spec.name, num_classes=num_classes, width_mult=width_mult)
+    if pretrained:
+        load_pretrained(model, spec, pretrained)
+    if freeze:
+        freeze_backbone(model, spec)
+    return model
+
+
+def _is_depthwise(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
+
+
+def parameter_groups(model: nn.Module, weight_decay: float, bn_decay: bool, depthwise_decay: bool) -> list[dict]:
+    """Split parameters into decayed and not decayed.
+
+    Biases and normalisation parameters get no weight decay unless ``bn_decay`` (NVIDIA's recipe);
+    depthwise kernels can be spared too (MobileNet's recipe), decided by the recipe rather than the engine.
+    """
+    decay, no_decay = [], []
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            is_norm = isinstance(module, nn.modules.batchnorm._NormBase | nn.GroupNorm | nn.LayerNorm)
+            skip = (name == "bias" or is_norm) and not bn_decay
+            skip = skip or (_is_depthwise(module) and not depthwise_decay)
+            (no_decay if skip else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, cfg, lr: float) -> torch.optim.Optimizer:
+    """SGD (NVIDIA's recipe), RMSprop (MobileNet's paper) or AdamW, over :func:`parameter_groups`.
+
+    apex's fused SGD is used where apex imports (NGC containers); torch's foreach kernels otherwise.
+    """
+    groups = parameter_groups(model, cfg.weight_decay, cfg.bn_weight_decay, cfg.depthwise_weight_decay)
+    if cfg.optimizer == "sgd":
+        try:
+            from apex.optimizers import FusedSGD  # type: ignore[import-not-found]
+
+            if next(model.parameters()).is_cuda:
+                return FusedSGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+        except ImportError:
+            pass
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    if cfg.optimizer == "rmsprop":
+        # TensorFlow-style RMSprop settings of the MobileNet papers (eps inside the sqrt differs; 0.0316 ~ sqrt(1e-3)).
+        return torch.optim.RMSprop(groups, lr=lr, alpha=0.9, eps=0.0316, momentum=cfg.momentum)
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def lr_factor(step: int, steps_per_epoch: int, epochs: int, warmup_epochs: float, schedule: str,
+              lr_steps: list[int], lr_gamma: float) -> float:  # fmt: skip
+    """Multiplier of the base LR at optimizer step ``step``: linear warmup, then cosine, step or linear decay."""
+    epoch = step / max(1, steps_per_epoch)
+    if epoch < warmup_epochs:
+        return (step + 1) / max(1.0, warmup_epochs * steps_per_epoch)
+    if schedule == "step":
+        return lr_gamma ** sum(epoch >= s for s in lr_steps)
+    progress = (epoch - warmup_epochs) / max(1e-8, epochs - warmup_epochs)
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return max(0.0, 1 - progress)
+
+
+def build_scheduler(optimizer, cfg, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-step schedule; its state (the step count) is all a checkpoint needs to restore it."""
+
+    def factor(step: int) -> float:
+        return lr_factor(
+            step, steps_per_epoch, cfg.epochs, cfg.warmup_epochs, cfg.lr_schedule, cfg.lr_steps, cfg.lr_gamma
+        )
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

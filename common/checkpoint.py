@@ -1,0 +1,118 @@
+"""Checkpoints: atomic writes, rotation, and loading that never unpickles arbitrary objects."""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import random
+import re
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.errors import UserError
+
+log = logging.getLogger(__name__)
+
+EPOCH_PATTERN = re.compile(r"^checkpoint_epoch_(\d+)\.pt$")
+
+
+def atomic_save(obj, path: Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, fsync it, then rename over ``path``.
+
+    A crash at any moment leaves either the old file or the new one, never a torn one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the rename itself must reach the disk
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    """Load a checkpoint with ``weights_only=True``: tensors and plain containers only, no code execution.
+
+    Raises:
+        UserError: naming the file when it is missing, truncated, corrupt, or holds unsafe objects.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError, OSError) as e:
+        reason = str(e).strip().split("\n")[0][:200]
+        raise UserError(
+            f"checkpoint {path} cannot be read (truncated, corrupt or not a checkpoint): {reason}"
+        ) from None
+
+
+def rng_state() -> dict:
+    """Every RNG the run draws from, as tensors and plain lists so that ``weights_only`` loading accepts it."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2])},
+        "python": [list(random.getstate()[1]), random.getstate()[0], random.getstate()[2]],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", state["numpy"]["keys"].numpy().astype(np.uint32), state["numpy"]["pos"], 0, 0.0))
+    internal, version, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class CheckpointManager:
+    """Saves ``checkpoint_epoch_NNNN.pt`` each epoch and ``best.pt``, keeping the last ``keep_last`` epochs."""
+
+    def __init__(self, folder: Path, keep_last: int = 3):
+        self.folder = Path(folder)
+        self.keep_last = max(1, keep_last)
+
+    def epoch_files(self) -> list[Path]:
+        """Epoch checkpoints in the folder, oldest first."""
+        if not self.folder.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.folder.iterdir() if (m := EPOCH_PATTERN.match(p.name))]
+        return [p for _, p in sorted(found)]
+
+    def save(self, state: dict, epoch: int, is_best: bool) -> Path:
+        path = self.folder / f"checkpoint_epoch_{epoch:04d}.pt"
+        atomic_save(state, path)
+        if is_best:
+            atomic_save(state, self.folder / "best.pt")
+        for old in self.epoch_files()[: -self.keep_last]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def load_latest(self) -> tuple[dict, Path] | None:
+        """The newest epoch checkpoint that loads; a corrupt one is reported and the previous one tried."""
+        for path in reversed(self.epoch_files()):
+            try:
+                return load_checkpoint(path), path
+            except UserError as e:
+                log.warning("--resume auto: %s; trying the previous checkpoint", e)
+        return None

@@ -1,0 +1,170 @@
+"""``convnets`` (also ``python -m common``): train, evaluate, predict, benchmark, info, prepare."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from common import config
+from common.errors import UserError
+
+log = logging.getLogger("convnets")
+
+
+def _cli_values(args: argparse.Namespace, cls) -> dict:
+    """The options of ``cls`` the user typed (defaults were suppressed, see config.add_arguments)."""
+    names = {f for f in cls.__dataclass_fields__}
+    return {k: v for k, v in vars(args).items() if k in names}
+
+
+def cmd_train(args) -> int:
+    from common.engine import train
+
+    cfg = config.resolve(config.TrainConfig, _cli_values(args, config.TrainConfig), args.preset, args.profile)
+    train(cfg)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from common.inference import run_evaluate
+
+    result = run_evaluate(args)
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from common.inference import run_predict
+
+    return run_predict(args)
+
+
+def cmd_benchmark(args) -> int:
+    from common.benchmark import run_benchmark
+
+    cfg = config.resolve(config.BenchmarkConfig, _cli_values(args, config.BenchmarkConfig), args.preset, args.profile)
+    result = run_benchmark(cfg)
+    if cfg.json is None:
+        print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_info(args) -> int:
+    from common.info import count_all, count_model
+    from common.registry import get_model_spec
+
+    if args.list:
+        rows = count_all(args.image_size or 224)
+        if args.json:
+            print(json.dumps([r.as_dict() | {"recipe": get_model_spec(r.arch).recipe} for r in rows]))
+            return 0
+        print(f"{'model':<22} {'recipe':<10} {'params (M)':>11} {'GMACs @' + str(rows[0].image_size):>11}  description")
+        for r in rows:
+            spec = get_model_spec(r.arch)
+            print(f"{r.arch:<22} {spec.recipe:<10} {r.params / 1e6:>11.2f} {r.macs / 1e9:>11.3f}  {spec.description}")
+        return 0
+    counts = count_model(args.arch, args.image_size, args.num_classes, args.width_mult)
+    if args.json:
+        print(json.dumps(counts.as_dict()))
+    else:
+        spec = get_model_spec(args.arch)
+        print(f"{counts.arch} ({spec.recipe}): {spec.description}")
+        print(f"  input       {counts.image_size}x{counts.image_size}, {counts.num_classes} classes"
+              + (f", width multiplier {counts.width_mult}" if counts.width_mult else ""))  # fmt: skip
+        print(f"  parameters  {counts.params:,} ({counts.params / 1e6:.2f} M)")
+        print(f"  mult-adds   {counts.macs:,} ({counts.macs / 1e9:.3f} G)")
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    from pathlib import Path
+
+    from common.prepare import check_tree, prepare_fashion_mnist
+
+    if args.check:
+        bad = check_tree(Path(args.check), args.workers)
+        return 1 if bad else 0
+    if args.dataset is None:
+        raise UserError("prepare needs a data set name (fashion-mnist) or --check DIR")
+    if args.out is None:
+        raise UserError("prepare fashion-mnist needs --out DIR")
+    prepare_fashion_mnist(Path(args.out), Path(args.source) if args.source else None, args.workers)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="convnets", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", help="recipe preset file (TOML), e.g. resnet50/preset.toml")
+    p.add_argument("--profile", help="named profile inside the preset, e.g. 250e or quickstart")
+    config.add_arguments(p, config.TrainConfig)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="top-1/top-5, per-class accuracy and a confusion matrix of a checkpoint")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", required=True, help="an ImageFolder split, or a root holding val/")
+    p.add_argument("--data-backend", choices=config.BACKENDS, default=None)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=config.DataConfig().workers)
+    p.add_argument("--width-mult", type=float, default=None, help="must match the checkpoint's when given")
+    p.add_argument("--image-check", choices=("full", "header", "none"), default="full")
+    p.add_argument("--skip-bad-images", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--output", default=None, help="folder for metrics.json and confusion_matrix.png")
+    p.add_argument("--json", action="store_true", help="print one JSON object with top1, top5, loss, per-class")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="top-k classes of image files, folders or globs")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("paths", nargs="+", help="image files, folders (searched recursively) or glob patterns")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--csv", action="store_true", help="CSV instead of JSON lines")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("benchmark", help="throughput and latency of training, inference or the data pipeline")
+    p.add_argument("--preset", help="recipe preset file (TOML)")
+    p.add_argument("--profile", help="named profile inside the preset")
+    config.add_arguments(p, config.BenchmarkConfig)
+    p.set_defaults(func=cmd_benchmark)
+
+    p = sub.add_parser("info", help="parameters and multiply-adds of a model (or --list all of them)")
+    p.add_argument("--arch", default="resnet50")
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--width-mult", type=float, default=None)
+    p.add_argument("--list", action="store_true", help="every registered model with its counts at 224")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("prepare", help="build an ImageFolder tree from a data set, or check one for bad files")
+    p.add_argument("dataset", nargs="?", choices=("fashion-mnist",))
+    p.add_argument("--out", help="where to write the ImageFolder tree")
+    p.add_argument("--source", help="folder holding the IDX files (default: Debian's dataset-fashion-mnist)")
+    p.add_argument("--check", metavar="DIR", help="list every image below DIR that cannot be decoded (exit 1 if any)")
+    p.add_argument("--workers", type=int, default=config.DataConfig().workers)
+    p.set_defaults(func=cmd_prepare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    from common.logger import setup_stdout_logging
+
+    # torchrun sets RANK; only rank 0 talks (the others report warnings and errors).
+    setup_stdout_logging(is_main=os.environ.get("RANK", "0") == "0")
+    try:
+        code = args.func(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code)

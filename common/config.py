@@ -1,0 +1,201 @@
+"""Typed configuration: one dataclass per command, turned into argparse options and read from preset files.
+
+Precedence is built-in defaults < recipe preset (a TOML file, optionally one of its profiles) < command line.
+The resolved configuration is written beside every run's outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tomllib
+
+from common.errors import UserError
+
+BACKENDS = ("dali-gpu", "dali-cpu", "pytorch", "synthetic")
+
+
+def opt(default, help: str, choices=None, **extra):
+    """A dataclass field carrying its command-line help and choices."""
+    kwargs = {"default_factory": lambda: list(default)} if isinstance(default, list) else {"default": default}
+    return field(metadata={"help": help, "choices": choices, **extra}, **kwargs)
+
+
+@dataclass
+class DataConfig:
+    data: str = opt(
+        os.environ.get("DATA_DIR", "/data/imagenet"),
+        "ImageFolder root holding train/<class>/* and val/<class>/* (default: $DATA_DIR or /data/imagenet)",
+    )
+    data_backend: str | None = opt(None, "data pipeline (default: dali-gpu with a GPU, dali-cpu without)", BACKENDS)
+    workers: int = opt(min(8, os.cpu_count() or 1), "decode threads (DALI) or worker processes (pytorch) per rank")
+    image_size: int | None = opt(None, "training and eval resolution (default: the model's)")
+    val_resize: int | None = opt(None, "shorter side before the eval center crop (default: image_size * 256/224)")
+    min_crop_scale: float = opt(0.08, "smallest area fraction of RandomResizedCrop")
+    image_check: str = opt(
+        "full", "check images at start-up: full decode, header only, or none", ("full", "header", "none")
+    )
+    skip_bad_images: bool = opt(False, "leave undecodable images out (with one warning) instead of stopping")
+
+
+@dataclass
+class ModelConfig:
+    arch: str = opt("resnet50", "registered model name (`convnets info --list`)")
+    num_classes: int | None = opt(None, "classifier size (default: the number of class folders)")
+    width_mult: float | None = opt(None, "width multiplier, for the models that have one")
+    pretrained: str | None = opt(None, "torchvision weights name (e.g. IMAGENET1K_V2) or a local checkpoint file")
+    freeze_backbone: bool = opt(False, "train only the classifier head")
+
+
+@dataclass
+class PrecisionConfig:
+    amp: bool = opt(False, "automatic mixed precision (off by default: CPUs without bf16 units run it slower)")
+    amp_dtype: str = opt("float16", "autocast dtype; float16 uses a dynamic GradScaler", ("float16", "bfloat16"))
+    tf32: bool = opt(True, "TF32 matmuls and convolutions on Ampere and later")
+    memory_format: str = opt("contiguous", "tensor memory format", ("contiguous", "channels_last"))
+    compile: bool = opt(False, "torch.compile the model")
+
+
+@dataclass
+class TrainConfig(DataConfig, ModelConfig, PrecisionConfig):
+    epochs: int = opt(90, "training epochs")
+    batch_size: int = opt(256, "images per device per step")
+    optimizer_batch_size: int | None = opt(
+        None, "global batch per optimizer step; gradients accumulate to reach it (default: batch_size * world)"
+    )
+    optimizer: str = opt("sgd", "optimizer", ("sgd", "rmsprop", "adamw"))
+    lr: float = opt(0.256, "learning rate per 256 images of optimizer batch (scaled linearly)")
+    momentum: float = opt(0.875, "momentum (SGD, RMSprop)")
+    nesterov: bool = opt(False, "Nesterov momentum (SGD)")
+    weight_decay: float = opt(3.0517578125e-05, "weight decay")
+    bn_weight_decay: bool = opt(False, "apply weight decay to BatchNorm weights and biases too")
+    depthwise_weight_decay: bool = opt(True, "apply weight decay to depthwise convolution weights")
+    label_smoothing: float = opt(0.1, "label smoothing")
+    mixup: float = opt(0.0, "mixup alpha (0: off)")
+    lr_schedule: str = opt("cosine", "learning-rate schedule after warmup", ("cosine", "step", "linear"))
+    warmup_epochs: float = opt(8.0, "linear warmup epochs")
+    lr_steps: list[int] = opt([30, 60, 80], "epochs at which the step schedule multiplies the lr by lr_gamma")
+    lr_gamma: float = opt(0.1, "step schedule factor")
+    clip_grad_norm: float | None = opt(None, "clip the gradient norm to this value")
+    ema_decay: float | None = opt(None, "keep an EMA of the weights with this decay and evaluate it too")
+    sync_bn: bool = opt(False, "synchronise BatchNorm statistics across GPUs")
+    seed: int = opt(0, "random seed (data order, augmentation, initialisation)")
+    deterministic: bool = opt(False, "deterministic algorithms: a resumed run ends as an uninterrupted one")
+    output: str | None = opt(None, "run folder for log.json, config.json and checkpoints (default: runs/<arch>)")
+    resume: str | None = opt(None, "checkpoint to continue from, or 'auto' for the newest good one in --output")
+    keep_last: int = opt(3, "epoch checkpoints to keep besides best.pt")
+    print_freq: int = opt(50, "log a training line every N steps")
+    eval_every: int = opt(1, "validate every N epochs (and always after the last)")
+    max_steps_per_epoch: int | None = opt(None, "cut each epoch after N steps (smoke tests, profiling)")
+    gpu_affinity: bool = opt(False, "pin each rank's CPU threads to the cores nearest its GPU (pynvml)")
+
+
+@dataclass
+class BenchmarkConfig(DataConfig, ModelConfig, PrecisionConfig):
+    data: str | None = opt(None, "ImageFolder root (needed for --mode data; default for train/inference: synthetic)")
+    mode: str = opt("train", "what to time: training steps, inference, or the data loader alone",
+                    ("train", "inference", "data"))  # fmt: skip
+    batch_size: int = opt(256, "images per step")
+    iterations: int = opt(100, "timed iterations")
+    warmup: int = opt(10, "untimed iterations first (compilation, cuDNN autotuning, loader start-up)")
+    num_classes: int | None = opt(1000, "classifier size")
+    json: str | None = opt(None, "write the result as JSON to this file (also printed when absent)")
+    seed: int = opt(0, "random seed")
+
+
+def _base_type(tp):
+    """(scalar type, is_list) of an annotation such as ``int | None`` or ``list[int]``."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    if typing.get_origin(tp) is list:
+        return typing.get_args(tp)[0], True
+    return tp, False
+
+
+def _fields(cls) -> dict[str, tuple[dataclasses.Field, object]]:
+    """Each field of ``cls`` with its resolved annotation (``from __future__ import annotations`` leaves strings)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: (f, hints[f.name]) for f in dataclasses.fields(cls)}
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
+    """Add one option per dataclass field. Defaults are suppressed so that only what the user typed
+    reaches :func:`resolve`, which is what lets a preset sit between the defaults and the command line."""
+    for name, (f, hint) in _fields(cls).items():
+        tp, is_list = _base_type(hint)
+        flag = "--" + name.replace("_", "-")
+        meta = f.metadata
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        helptext = f"{meta.get('help', '')} (default: {default})"
+        if tp is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=helptext)
+        else:
+            parser.add_argument(
+                flag,
+                type=tp,
+                nargs="+" if is_list else None,
+                choices=meta.get("choices"),
+                default=argparse.SUPPRESS,
+                help=helptext,
+                metavar=name.upper() if meta.get("choices") is None else None,
+            )
+
+
+def _check_value(cls, key: str, value, source: str):
+    fields = _fields(cls)
+    if key not in fields:
+        raise UserError(f"{source}: unknown setting {key!r}")
+    f, hint = fields[key]
+    tp, is_list = _base_type(hint)
+    values = value if is_list and isinstance(value, list) else [value]
+    if is_list and not isinstance(value, list):
+        raise UserError(f"{source}: {key} must be a list, got {value!r}")
+    out = []
+    for v in values:
+        if v is None and not is_list:
+            out.append(None)
+            continue
+        if tp is float and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+        if not isinstance(v, tp) or (tp is int and isinstance(v, bool)):
+            raise UserError(f"{source}: {key} must be {tp.__name__}, got {v!r}")
+        choices = f.metadata.get("choices")
+        if choices and v not in choices:
+            raise UserError(f"{source}: {key}={v!r} is not one of {', '.join(choices)}")
+        out.append(v)
+    return out if is_list else out[0]
+
+
+def load_preset(path: str, profile: str | None) -> dict:
+    """Read a recipe preset: top-level keys, then the keys of ``[profiles.<profile>]`` over them."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"preset file {path} does not exist")
+    try:
+        data = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"preset file {path} is not valid TOML: {e}") from None
+    profiles = data.pop("profiles", {})
+    if profile is not None:
+        if profile not in profiles:
+            raise UserError(f"preset {path} has no profile {profile!r} (it has: {', '.join(profiles) or 'none'})")
+        data.update(profiles[profile])
+    return data
+
+
+def resolve(cls, cli: dict, preset: str | None = None, profile: str | None = None):
+    """Build ``cls`` from its defaults, then the preset, then the command line (``cli`` holds only typed options)."""
+    values = {}
+    if preset:
+        for key, value in load_preset(preset, profile).items():
+            values[key] = _check_value(cls, key, value, f"preset {preset}")
+    elif profile:
+        raise UserError("--profile needs --preset")
+    values.update(cli)
+    return cls(**values)

@@ -1,0 +1,485 @@
+"""Data: ImageFolder scanning, image checks, sharding, and the four backends behind one contract.
+
+Every backend yields ``(images, labels)`` on the training device: images float, normalised with the ImageNet
+mean and std, NCHW in the requested memory format; labels int64. Train: RandomResizedCrop to ``image_size``
+plus a horizontal flip. Eval: resize the shorter side to ``resize_size``, center crop ``image_size``.
+
+Order and augmentation are functions of (seed, epoch) alone, never of the state a previous epoch left behind,
+so that a run resumed at an epoch boundary replays exactly what an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# Formats that both DALI's decoders and PIL read; GIF is left out because DALI cannot decode it.
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm")
+DECODABLE_FORMATS = {"JPEG", "PNG", "BMP", "TIFF", "WEBP", "PPM", "MPO"}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ImageList:
+    """The files of one split, their labels (indices into ``classes``) and the class names."""
+
+    root: Path
+    files: list[str]
+    labels: list[int]
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def without(self, bad: set[str]) -> ImageList:
+        keep = [i for i, f in enumerate(self.files) if f not in bad]
+        return ImageList(self.root, [self.files[i] for i in keep], [self.labels[i] for i in keep], self.classes)
+
+
+def scan_split(split_dir: str | Path, classes: list[str] | None = None) -> ImageList:
+    """List an ImageFolder split: ``split_dir/<class>/**/<image>``, classes sorted by folder name.
+
+    Args:
+        split_dir: the split folder (``DATA/train``).
+        classes: the class list to label against (the training classes, for val); default: this split's folders.
+    Raises:
+        UserError: the folder is missing, has no class folders, a training class folder holds no image, or
+            the split has a class the training set does not.
+    """
+    split_dir = Path(split_dir)
+    if not split_dir.is_dir():
+        raise UserError(
+            f"data folder {split_dir} does not exist (expected an ImageFolder split: {split_dir}/<class>/*)"
+        )
+    found = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not found:
+        raise UserError(f"data folder {split_dir} has no class folders (expected {split_dir}/<class>/*)")
+    if classes is None:
+        classes = found
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise UserError(f"{split_dir} has class folders the model was not trained on: {', '.join(unknown[:10])}")
+    index = {c: i for i, c in enumerate(classes)}
+    files, labels, empty = [], [], []
+    for name in found:
+        images = sorted(
+            str(p) for p in (split_dir / name).rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file()
+        )
+        if not images:
+            empty.append(str(split_dir / name))
+        files += images
+        labels += [index[name]] * len(images)
+    if empty:
+        raise UserError(f"class folders with no images ({', '.join(IMG_EXTENSIONS)}): {', '.join(empty)}")
+    return ImageList(split_dir, files, labels, list(classes))
+
+
+def check_image(path: str, full: bool = True) -> str | None:
+    """Why ``path`` cannot be decoded, or None when it can.
+
+    ``full`` decodes the whole image (catches truncation); JPEGs are decoded at 1/8 scale through
+    ``draft``, which still reads every byte of the entropy stream but skips most of the arithmetic.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty file (0 bytes)"
+        with Image.open(path) as im:
+            if im.format not in DECODABLE_FORMATS:
+                return f"unsupported format {im.format}"
+            if full:
+                im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
+                im.load()
+    except UnidentifiedImageError:
+        return "not an image"
+    except (OSError, SyntaxError, ValueError) as e:
+        return f"cannot decode ({e})"
+    return None
+
+
+def find_bad_images(files: list[str], full: bool = True, workers: int = 1) -> dict[str, str]:
+    """Check every file; returns ``{path: reason}`` for those that cannot be decoded."""
+    if workers > 1 and len(files) > 2000:
+        with ProcessPoolExecutor(workers) as pool:
+            reasons = list(pool.map(check_image, files, [full] * len(files), chunksize=512))
+    else:
+        reasons = [check_image(f, full) for f in files]
+    return {f: r for f, r in zip(files, reasons, strict=True) if r is not None}
+
+
+def format_bad(bad: dict[str, str], limit: int = 20) -> str:
+    lines = [f"  {path}: {why}" for path, why in list(bad.items())[:limit]]
+    if len(bad) > limit:
+        lines.append(f"  ... and {len(bad) - limit} more")
+    return "\n".join(lines)
+
+
+def drop_bad_images(images: ImageList, mode: str, skip_bad: bool, workers: int) -> ImageList:
+    """Stop with the list of undecodable files, or leave them out with one warning when ``skip_bad``."""
+    if mode == "none":
+        return images
+    bad = find_bad_images(images.files, full=mode == "full", workers=workers)
+    if not bad:
+        return images
+    if not skip_bad:
+        raise UserError(
+            f"{len(bad)} file(s) in {images.root} cannot be decoded:\n{format_bad(bad)}\n"
+            "Remove them, or pass --skip-bad-images to leave them out."
+        )
+    log.warning("leaving out %d file(s) that cannot be decoded:\n%s", len(bad), format_bad(bad))
+    kept = images.without(set(bad))
+    if not kept.files:
+        raise UserError(f"no decodable image left in {images.root}")
+    return kept
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sharding
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def train_shard(n: int, batch_size: int, rank: int, world: int, seed: int, epoch: int) -> np.ndarray:
+    """This rank's sample indices for one training epoch.
+
+    The epoch's permutation is cut into global batches of ``batch_size * world``; rank r takes the r-th
+    block of ``batch_size`` from each. So a DDP step sees the same images as one process with a
+    ``world``-times larger batch, and rank r's batch equals micro-batch r of a single process accumulating
+    gradients: runs of different sizes are comparable sample for sample. Incomplete global batches are dropped.
+    """
+    perm = epoch_permutation(n, seed, epoch)
+    steps = n // (batch_size * world)
+    return perm[: steps * batch_size * world].reshape(steps, world, batch_size)[:, rank].reshape(-1)
+
+
+def eval_shard(n: int, rank: int, world: int) -> np.ndarray:
+    """Every image exactly once across ranks (results are summed over ranks)."""
+    return np.arange(rank, n, world)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """Per-image augmentation seed: independent of rank, worker and batch, so sharding cannot change it."""
+    return int(np.random.default_rng([seed, epoch, index]).integers(2**62))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Backends
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    """What a backend needs to know about the images it produces."""
+
+    image_size: int
+    resize_size: int
+    min_crop_scale: float = 0.08
+    batch_size: int = 256
+    workers: int = 4
+    channels_last: bool = False
+    seed: int = 0
+
+
+class _Normalizer:
+    """uint8 NCHW -> normalised float in the requested memory format, on the training device."""
+
+    def __init__(self, device: torch.device, channels_last: bool):
+        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.contiguous(memory_format=self.memory_format).float()
+        return images.sub_(self.mean).div_(self.std)
+
+
+class _ImageDataset(torch.utils.data.Dataset):
+    """Decodes with PIL (every mode becomes RGB) and augments with torchvision transforms v2."""
+
+    def __init__(self, images: ImageList, transform, seed: int):
+        self.files, self.labels, self.transform, self.seed = images.files, images.labels, transform, seed
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, item: tuple[int, int]):
+        index, epoch = item
+        from PIL import Image
+        from torchvision.transforms.v2 import functional as F
+
+        with Image.open(self.files[index]) as im:
+            image = F.pil_to_tensor(im.convert("RGB"))
+        # Seed the transform per image so that its crop and flip do not depend on which worker or rank
+        # happens to load it (see sample_seed).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, epoch, index))
+            image = self.transform(image)
+        return image, self.labels[index]
+
+
+class _EpochSampler(torch.utils.data.Sampler):
+    """Yields ``(index, epoch)`` so persistent workers learn the epoch without being restarted."""
+
+    def __init__(self, indices_for_epoch):
+        self.indices_for_epoch, self.epoch = indices_for_epoch, 0
+
+    def __iter__(self):
+        return ((int(i), self.epoch) for i in self.indices_for_epoch(self.epoch))
+
+    def __len__(self):
+        return len(self.indices_for_epoch(self.epoch))
+
+
+class Loader:
+    """Common face of the backends: ``set_epoch``, ``len`` (batches per epoch) and iteration."""
+
+    def __init__(self, n_batches: int):
+        self.n_batches, self.epoch = n_batches, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n_batches
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        raise NotImplementedError
+
+
+class PytorchLoader(Loader):
+    """torch DataLoader workers, pinned memory, and (on GPU) a side stream that copies the next batch while
+    the current one computes; normalisation happens on the device, where it is cheap."""
+
+    def __init__(self, images: ImageList, spec: PipelineSpec, train: bool, device, rank: int, world: int):
+        from torchvision.transforms import v2
+
+        if train:
+            transform = v2.Compose(
+                [
+                    v2.RandomResizedCrop(spec.image_size, scale=(spec.min_crop_scale, 1.0), antialias=True),
+                    v2.RandomHorizontalFlip(),
+                ]
+            )
+            n = len(images)
+            indices = lambda epoch: train_shard(n, spec.batch_size, rank, world, spec.seed, epoch)  # noqa: E731
+        else:
+            transform = v2.Compose([v2.Resize(spec.resize_size, antialias=True), v2.CenterCrop(spec.image_size)])
+            shard = eval_shard(len(images), rank, world)
+            indices = lambda epoch: shard  # noqa: E731
+        self.sampler = _EpochSampler(indices)
+        self.loader = torch.utils.data.DataLoader(
+            _ImageDataset(images, transform, spec.seed),
+            batch_size=spec.batch_size,
+            sampler=self.sampler,
+            num_workers=spec.workers,
+            pin_memory=device.type == "cuda",
+            drop_last=train,
+            persistent_workers=spec.workers > 0,
+            prefetch_factor=4 if spec.workers > 0 else None,
+        )
+        super().__init__(len(self.loader))
+        self.device = device
+        self.normalize = _Normalizer(device, spec.channels_last)
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.sampler.epoch = epoch
+
+    def _to_device(self, batch):
+        images, labels = batch
+        return self.normalize(images.to(self.device, non_blocking=True)), labels.to(self.device, non_blocking=True)
+
+    def __iter__(self):
+        if self.device.type != "cuda":
+            for batch in self.loader:
+                yield self._to_device(batch)
+            return
+        stream = torch.cuda.Stream()
+        pending = None
+        for batch in self.loader:
+            with torch.cuda.stream(stream):
+                ready = self._to_device(batch)
+            if pending is not None:
+                yield pending
+            torch.cuda.current_stream().wait_stream(stream)
+            for t in ready:
+                t.record_stream(torch.cuda.current_stream())
+            pending = ready
+        if pending is not None:
+            yield pending
+
+
+def _dali():
+    try:
+        from nvidia import dali
+    except ImportError:
+        raise UserError(
+            "the DALI backends need nvidia-dali (pip install nvidia-dali-cuda130); or use --data-backend pytorch"
+        ) from None
+    return dali
+
+
+def _dali_pipeline(files, labels, train: bool, spec: PipelineSpec, decoder: str, **pipeline_kwargs):
+    """Build the DALI graph: one function for train and eval, as ``@pipeline_def`` intends."""
+    dali = _dali()
+    fn, types = dali.fn, dali.types
+
+    @dali.pipeline_def(**pipeline_kwargs)
+    def pipeline():
+        encoded, label = fn.readers.file(
+            files=files, labels=labels, random_shuffle=False, pad_last_batch=False, name="Reader"
+        )
+        if train:
+            images = fn.decoders.image_random_crop(
+                encoded,
+                device=decoder,
+                output_type=types.RGB,
+                random_area=[spec.min_crop_scale, 1.0],
+                random_aspect_ratio=[3 / 4, 4 / 3],
+                num_attempts=100,
+            )
+            images = fn.resize(images, resize_x=spec.image_size, resize_y=spec.image_size, antialias=True)
+            mirror = fn.random.coin_flip(probability=0.5)
+        else:
+            images = fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
+            images = fn.resize(images, resize_shorter=spec.resize_size, antialias=True)
+            mirror = False
+        images = fn.crop_mirror_normalize(
+            images,
+            dtype=types.FLOAT,
+            # HWC viewed as NCHW is channels_last in memory: the permute below is free.
+            output_layout="HWC" if spec.channels_last else "CHW",
+            crop=(spec.image_size, spec.image_size),
+            mean=[m * 255 for m in IMAGENET_MEAN],
+            std=[s * 255 for s in IMAGENET_STD],
+            mirror=mirror,
+        )
+        return images, label
+
+    return pipeline()
+
+
+class DaliLoader(Loader):
+    """DALI's file reader and decoders; ``gpu`` uses the mixed (nvJPEG) decoder and GPU augmentation.
+
+    A pipeline is built per epoch from this rank's file list for that epoch and a seed derived from
+    (seed, epoch, rank): DALI's own shuffling carries state from epoch to epoch, which a resumed run could
+    not replay.
+    """
+
+    def __init__(self, images: ImageList, spec: PipelineSpec, train: bool, gpu: bool, device, rank: int, world: int):
+        _dali()
+        self.images, self.spec, self.train, self.gpu = images, spec, train, gpu
+        self.device, self.rank, self.world = device, rank, world
+        n = len(images)
+        per_rank = (n // (spec.batch_size * world)) * spec.batch_size if train else len(eval_shard(n, rank, world))
+        super().__init__(per_rank // spec.batch_size if train else -(-per_rank // spec.batch_size))
+
+    def _indices(self) -> np.ndarray:
+        n = len(self.images)
+        if self.train:
+            return train_shard(n, self.spec.batch_size, self.rank, self.world, self.spec.seed, self.epoch)
+        return eval_shard(n, self.rank, self.world)
+
+    def __iter__(self):
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        idx = self._indices()
+        if len(idx) == 0:
+            return
+        files = [self.images.files[i] for i in idx]
+        labels = [self.images.labels[i] for i in idx]
+        seed = int(np.random.default_rng([self.spec.seed, self.epoch, self.rank, 7]).integers(2**31))
+        pipe = _dali_pipeline(
+            files,
+            labels,
+            self.train,
+            self.spec,
+            decoder="mixed" if self.gpu else "cpu",
+            batch_size=self.spec.batch_size,
+            num_threads=max(1, self.spec.workers),
+            device_id=self.device.index or 0 if self.gpu else None,
+            seed=seed,
+            prefetch_queue_depth=2,
+        )
+        pipe.build()
+        iterator = DALIGenericIterator(
+            pipe,
+            ["images", "labels"],
+            reader_name="Reader",
+            last_batch_policy=LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL,
+            auto_reset=False,
+        )
+        memory_format = torch.channels_last if self.spec.channels_last else torch.contiguous_format
+        try:
+            for batch in _dali_batches(iterator):
+                images, labels = batch[0]["images"], batch[0]["labels"]
+                if self.spec.channels_last:
+                    images = images.permute(0, 3, 1, 2)
+                images = images.to(self.device, non_blocking=True).contiguous(memory_format=memory_format)
+                yield images, labels.view(-1).long().to(self.device, non_blocking=True)
+        finally:
+            del iterator, pipe
+
+
+def _dali_batches(iterator):
+    """Iterate a DALI iterator, turning its deep internal errors into one line naming the file."""
+    try:
+        yield from iterator
+    except RuntimeError as e:
+        lines = [line for line in str(e).splitlines() if "/" in line or "rror" in line]
+        raise UserError(
+            "DALI could not read the data: "
+            + (lines[0].strip()[:300] if lines else str(e)[:300])
+            + "\nRun `convnets prepare --check DATA` to list undecodable files."
+        ) from None
+
+
+class SyntheticLoader(Loader):
+    """Random images already on the device: measures the model and the loop with no input pipeline."""
+
+    def __init__(self, spec: PipelineSpec, num_classes: int, n_batches: int, device):
+        super().__init__(n_batches)
+        g = torch.Generator(device="cpu").manual_seed(spec.seed)
+        memory_format = torch.channels_last if spec.channels_last else torch.contiguous_format
+        shape = (spec.batch_size, 3, spec.image_size, spec.image_size)
+        self.images = torch.randn(shape, generator=g).to(device).contiguous(memory_format=memory_format)
+        self.labels = torch.randint(0, num_classes, (spec.batch_size,), generator=g).to(device)
+
+    def __iter__(self):
+        for _ in range(self.n_batches):
+            yield self.images, self.labels
+
+
+def default_backend(device: torch.device) -> str:
+    return "dali-gpu" if device.type == "cuda" else "dali-cpu"
+
+
+def build_loader(
+    backend: str, images: ImageList, spec: PipelineSpec, train: bool, device, rank: int = 0, world: int = 1
+) -> Loader:
+    """The loader for one split on the chosen backend (``synthetic`` keeps the split's batch count)."""
+    if backend == "dali-gpu" and device.type != "cuda":
+        raise UserError("--data-backend dali-gpu needs a GPU; use dali-cpu or pytorch on this machine")
+    if backend in ("dali-gpu", "dali-cpu"):
+        return DaliLoader(images, spec, train, backend == "dali-gpu", device, rank, world)
+    if backend == "pytorch":
+        return PytorchLoader(images, spec, train, device, rank, world)
+    if backend == "synthetic":
+        n = len(images) // (spec.batch_size * world) if train else -(-len(images) // (spec.batch_size * world))
+        return SyntheticLoader(spec, len(images.classes), max(1, n), device)
+    raise UserError(f"unknown --data-backend {backend!r}")

@@ -1,0 +1,427 @@
+"""The engine: one training step helper, one epoch loop, one evaluation loop, and ``train`` that wires them.
+
+Precision and distribution are wrappers, not branches: autocast and GradScaler are always called with
+``enabled=...``; DDP wrapping happens once, and the unwrapped model is what gets saved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import distributed as dist
+from common.builders import build_model, build_optimizer, build_scheduler
+from common.checkpoint import CheckpointManager, atomic_save, load_checkpoint, rng_state, set_rng_state
+from common.config import TrainConfig
+from common.data import PipelineSpec, build_loader, default_backend, drop_bad_images, scan_split
+from common.errors import UserError
+from common.logger import ProgressBar, RunLogger
+from common.registry import ModelSpec, check_width_mult, get_model_spec
+from common.telemetry import host_rss_mb
+
+log = logging.getLogger("convnets")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Resolution of model-dependent defaults
+
+
+def resolve_sizes(spec: ModelSpec, image_size: int | None, val_resize: int | None) -> tuple[int, int]:
+    """(image_size, eval resize): the model's defaults unless given; resize = size / crop_fraction."""
+    size = image_size or spec.image_size
+    return size, val_resize or int(round(size / spec.crop_fraction))
+
+
+def autocast_context(device: torch.device, enabled: bool, dtype: str):
+    return torch.autocast(device.type, dtype=getattr(torch, dtype), enabled=enabled)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One optimizer step
+
+
+class StepRunner:
+    """Forward and backward under autocast; every ``accumulation`` micro-batches: unscale, clip, step, update.
+
+    The loss is divided by ``accumulation`` so accumulated gradients equal those of one large batch, and
+    DDP's all-reduce is skipped (``no_sync``) on all but the last micro-batch.
+    """
+
+    def __init__(self, model, optimizer, scheduler, scaler, criterion, accumulation: int, clip: float | None,
+                 amp: bool, amp_dtype: str, mixup: float, ema=None):  # fmt: skip
+        self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
+        self.criterion, self.accumulation, self.clip = criterion, accumulation, clip
+        self.amp, self.amp_dtype, self.mixup, self.ema = amp, amp_dtype, mixup, ema
+        self.micro_step = 0
+
+    def loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with autocast_context(images.device, self.amp, self.amp_dtype):
+            if self.mixup > 0:
+                # Rolling the batch by one pairs every image with another at no shuffling cost.
+                lam = float(np.random.beta(self.mixup, self.mixup))
+                images = images.mul(lam).add_(images.roll(1, 0), alpha=1 - lam)
+                out = self.model(images)
+                return lam * self.criterion(out, labels) + (1 - lam) * self.criterion(out, labels.roll(1, 0))
+            return self.criterion(self.model(images), labels)
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """Run one micro-batch; returns (loss, whether an optimizer step was taken)."""
+        self.micro_step += 1
+        boundary = self.micro_step % self.accumulation == 0
+        sync = nullcontext() if boundary or not hasattr(self.model, "no_sync") else self.model.no_sync()
+        with sync:
+            loss = self.loss(images, labels)
+            self.scaler.scale(loss / self.accumulation).backward()
+        if boundary:
+            if self.clip:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            if self.ema is not None:
+                self.ema.update_parameters(unwrap(self.model))
+        return loss.detach(), boundary
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside DDP and torch.compile wrappers: what gets saved and evaluated."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loops
+
+
+def train_one_epoch(step: StepRunner, loader, epoch: int, logger: RunLogger, print_freq: int,
+                    max_steps: int | None, world: int) -> dict:  # fmt: skip
+    """Train one epoch; returns the epoch's mean loss, throughput and timing."""
+    step.model.train()
+    loader.set_epoch(epoch)
+    total = min(len(loader), max_steps or len(loader))
+    bar = ProgressBar(total, f"epoch {epoch}", logger.enabled)
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    seen, data_time, start = 0, 0.0, time.perf_counter()
+    window_start, window_images = start, 0
+    end = start
+    i = 0
+    for i, (images, labels) in enumerate(loader, 1):
+        data_time += time.perf_counter() - end
+        loss, _ = step(images, labels)
+        loss_sum += loss.double().cpu()  # a CPU-GPU sync point, once per step: keeps logged losses exact
+        seen += labels.shape[0]
+        window_images += labels.shape[0]
+        if i % print_freq == 0 or i == total:
+            now = time.perf_counter()
+            logger.log(
+                (epoch, i),
+                {
+                    "train.loss": loss.item(),
+                    "train.lr": step.optimizer.param_groups[0]["lr"],
+                    "train.total_ips": window_images * world / (now - window_start),
+                    "train.data_time": data_time / i,
+                },
+                echo=not bar.enabled,
+            )
+            window_start, window_images = now, 0
+        bar.update(i, f"loss {loss.item():.4f}")
+        end = time.perf_counter()
+        if i >= total:
+            break
+    bar.close()
+    elapsed = time.perf_counter() - start
+    if i == 0:
+        raise UserError("the training set yields no full batch: lower --batch-size or add images")
+    return {
+        "train.loss": (loss_sum / i).item(),
+        "train.total_ips": seen * world / elapsed,
+        "train.data_time": data_time / i,
+        "train.epoch_time": elapsed,
+    }
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    top1: float
+    top5: float
+    count: int
+    confusion: torch.Tensor  # [true, predicted] counts
+    latencies_ms: list[float]
+
+    def metrics(self, prefix: str) -> dict:
+        lat = np.array(self.latencies_ms) if self.latencies_ms else np.zeros(1)
+        return {
+            f"{prefix}.loss": self.loss,
+            f"{prefix}.top1": self.top1,
+            f"{prefix}.top5": self.top5,
+            f"{prefix}.compute_latency_mean": float(lat.mean()) / 1000,
+            f"{prefix}.compute_latency_at99": float(np.percentile(lat, 99)) / 1000,
+        }
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, num_classes: int, amp: bool = False, amp_dtype: str = "float16") -> EvalResult:
+    """Loss, top-1/top-5 (percent) and the confusion matrix, summed over ranks."""
+    model.eval()
+    k = min(5, num_classes)
+    sums = torch.zeros(4, dtype=torch.float64)  # loss, top1, top5, count
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64)
+    latencies = []
+    for images, labels in loader:
+        start = time.perf_counter()
+        with autocast_context(images.device, amp, amp_dtype):
+            logits = model(images).float()
+        topk = logits.topk(k, dim=1).indices
+        correct = topk.eq(labels.view(-1, 1))
+        loss = F.cross_entropy(logits, labels, reduction="sum")
+        batch = torch.stack(
+            [loss.double(), correct[:, 0].sum().double(), correct.any(1).sum().double(), torch.tensor(labels.numel())]
+        ).cpu()
+        latencies.append((time.perf_counter() - start) * 1000)
+        sums += batch
+        confusion += torch.bincount((labels * num_classes + topk[:, 0]).cpu(), minlength=num_classes**2)
+    dist.all_reduce_sum(sums)
+    dist.all_reduce_sum(confusion)
+    n = max(1.0, sums[3].item())
+    return EvalResult(
+        loss=sums[0].item() / n,
+        top1=100 * sums[1].item() / n,
+        top5=100 * sums[2].item() / n,
+        count=int(sums[3].item()),
+        confusion=confusion.view(num_classes, num_classes),
+        latencies_ms=latencies,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Run set-up
+
+
+def seed_everything(seed: int, rank: int, deterministic: bool) -> None:
+    torch.manual_seed(seed + rank)
+    np.random.seed(seed + rank)
+    import random
+
+    random.seed(seed + rank)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+@dataclass
+class DataBundle:
+    train: object
+    val: object
+    classes: list[str]
+
+
+def build_data(cfg: TrainConfig, backend: str, spec: PipelineSpec, device, rank: int, world: int) -> DataBundle:
+    """Scan DATA/train and DATA/val, drop or report bad files, and build both loaders."""
+    root = Path(cfg.data)
+    if not root.is_dir():
+        raise UserError(f"data folder {root} does not exist; pass --data DIR (an ImageFolder with train/ and val/)")
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise UserError(f"data folder {root} has no {split}/ folder (expected {root}/{split}/<class>/*)")
+    train_images = scan_split(root / "train")
+    val_images = scan_split(root / "val", classes=train_images.classes)
+    if backend != "synthetic":
+        train_images = drop_bad_images(train_images, cfg.image_check, cfg.skip_bad_images, cfg.workers)
+        val_images = drop_bad_images(val_images, cfg.image_check, cfg.skip_bad_images, cfg.workers)
+    if len(train_images) < spec.batch_size * world:
+        raise UserError(
+            f"{root / 'train'} has {len(train_images)} images, fewer than one global batch "
+            f"({spec.batch_size} x {world}); lower --batch-size"
+        )
+    val_spec = dataclasses.replace(spec, batch_size=min(spec.batch_size, max(1, len(val_images))))
+    return DataBundle(
+        train=build_loader(backend, train_images, spec, True, device, rank, world),
+        val=build_loader(backend, val_images, val_spec, False, device, rank, world),
+        classes=train_images.classes,
+    )
+
+
+def checkpoint_state(model, optimizer, scheduler, scaler, ema, epoch, step, cfg, classes, best) -> dict:
+    """A dict of component state_dicts plus what a resume and a later evaluate/predict need."""
+    return {
+        "format": "convnets-checkpoint-v1",
+        "arch": cfg.arch,
+        "model": unwrap(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "ema": ema.state_dict() if ema is not None else None,
+        "epoch": epoch,
+        "step": step,
+        "best_top1": best,
+        "rng": rng_state(),
+        "config": dataclasses.asdict(cfg),
+        "class_names": list(classes),
+    }
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run a full training as ``cfg`` describes; returns the final validation metrics (rank 0)."""
+    spec = get_model_spec(cfg.arch)
+    check_width_mult(spec, cfg.width_mult)
+    rt = dist.init_distributed()
+    if cfg.gpu_affinity:
+        dist.set_gpu_affinity(rt.local_rank)
+    seed_everything(cfg.seed, rt.rank, cfg.deterministic)
+    if rt.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.tf32
+
+    output = Path(cfg.output or f"runs/{cfg.arch}")
+    backend = cfg.data_backend or default_backend(rt.device)
+    image_size, resize = resolve_sizes(spec, cfg.image_size, cfg.val_resize)
+    world = rt.world_size
+    optimizer_batch = cfg.optimizer_batch_size or cfg.batch_size * world
+    if optimizer_batch % (cfg.batch_size * world):
+        raise UserError(
+            f"--optimizer-batch-size {optimizer_batch} is not a multiple of --batch-size x processes "
+            f"({cfg.batch_size} x {world})"
+        )
+    accumulation = optimizer_batch // (cfg.batch_size * world)
+    pipe = PipelineSpec(image_size, resize, cfg.min_crop_scale, cfg.batch_size, cfg.workers,
+                        cfg.memory_format == "channels_last", cfg.seed)  # fmt: skip
+    data = build_data(cfg, backend, pipe, rt.device, rt.rank, world)
+    num_classes = cfg.num_classes or len(data.classes)
+    if num_classes < len(data.classes):
+        raise UserError(f"--num-classes {num_classes} is smaller than the {len(data.classes)} class folders")
+
+    model = build_model(spec, num_classes, cfg.width_mult, cfg.pretrained, cfg.freeze_backbone)
+    if cfg.sync_bn and world > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    memory_format = torch.channels_last if cfg.memory_format == "channels_last" else torch.contiguous_format
+    model = model.to(rt.device, memory_format=memory_format)
+    lr = cfg.lr * optimizer_batch / 256
+    optimizer = build_optimizer(model, cfg, lr)
+    steps_per_epoch = min(len(data.train), cfg.max_steps_per_epoch or len(data.train)) // accumulation
+    if steps_per_epoch == 0:
+        raise UserError(f"an epoch has fewer batches ({len(data.train)}) than gradient accumulation ({accumulation})")
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
+    fp16 = cfg.amp and cfg.amp_dtype == "float16"
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=fp16)
+    ema = None
+    if cfg.ema_decay:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+
+    ckpts = CheckpointManager(output, cfg.keep_last)
+    start_epoch, best, global_step = 0, 0.0, 0
+    resumed = _load_resume(cfg, ckpts, data.classes)
+    if resumed is not None:
+        state, path = resumed
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        if ema is not None and state.get("ema") is not None:
+            ema.load_state_dict(state["ema"])
+        start_epoch, best, global_step = state["epoch"] + 1, state["best_top1"], state["step"]
+        set_rng_state(state["rng"])
+        log.info("resumed from %s at epoch %d", path, start_epoch)
+
+    train_model = model
+    if world > 1:
+        ddp_kwargs = {"device_ids": [rt.device.index]} if rt.device.type == "cuda" else {}
+        train_model = nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    step = StepRunner(train_model, optimizer, scheduler, scaler, criterion, accumulation, cfg.clip_grad_norm,
+                      cfg.amp, cfg.amp_dtype, cfg.mixup, ema)  # fmt: skip
+
+    logger = RunLogger(output / "log.json", enabled=rt.is_main)
+    resolved = {**dataclasses.asdict(cfg), "output": str(output), "data_backend": backend, "image_size": image_size,
+                "val_resize": resize, "num_classes": num_classes, "world_size": world, "accumulation": accumulation,
+                "effective_lr": lr, "optimizer_batch_size": optimizer_batch, "device": str(rt.device)}  # fmt: skip
+    if rt.is_main:
+        output.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(output / "config.json", json.dumps(resolved, indent=2))
+        logger.metadata("config", resolved)
+        log.info(
+            "training %s on %s: %d classes, %d train batches/epoch of %d x %d processes, lr %.4g, backend %s",
+            cfg.arch, rt.device, num_classes, len(data.train), cfg.batch_size, world, lr, backend,
+        )  # fmt: skip
+
+    final: dict = {}
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            metrics = train_one_epoch(step, data.train, epoch, logger, cfg.print_freq,
+                                      cfg.max_steps_per_epoch, world)  # fmt: skip
+            global_step += steps_per_epoch
+            metrics["train.rss_mb"] = host_rss_mb()
+            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+                result = evaluate(model, data.val, num_classes, cfg.amp, cfg.amp_dtype)
+                metrics.update(result.metrics("val"))
+                if ema is not None:
+                    metrics.update(
+                        evaluate(ema.module, data.val, num_classes, cfg.amp, cfg.amp_dtype).metrics("val_ema")
+                    )
+            is_best = metrics.get("val.top1", -1.0) > best
+            best = max(best, metrics.get("val.top1", best))
+            logger.log((epoch,), metrics)
+            final = metrics
+            if rt.is_main:
+                state = checkpoint_state(model, optimizer, scheduler, scaler, ema, epoch, global_step, cfg,
+                                         data.classes, best)  # fmt: skip
+                ckpts.save(state, epoch, is_best)
+            dist.barrier()
+        if rt.is_main and final:
+            logger.log(tuple(), {k: v for k, v in final.items() if k.startswith("val")} | {"val.best_top1": best})
+    finally:
+        logger.close()
+        dist.cleanup()
+    return final
+
+
+def _load_resume(cfg: TrainConfig, ckpts: CheckpointManager, classes: list[str]):
+    """The checkpoint to resume from (None for a fresh run), checked against this run's classes."""
+    if not cfg.resume:
+        return None
+    if cfg.resume == "auto":
+        found = ckpts.load_latest()
+        if found is None:
+            log.info("--resume auto: no checkpoint in %s, starting from scratch", ckpts.folder)
+            return None
+    else:
+        found = (load_checkpoint(cfg.resume), Path(cfg.resume))
+    state, path = found
+    if state.get("arch") != cfg.arch:
+        raise UserError(f"checkpoint {path} is a {state.get('arch')}, not --arch {cfg.arch}")
+    if state.get("class_names") != list(classes):
+        raise UserError(f"checkpoint {path} was trained on other classes than {cfg.data}/train")
+    return state, path
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a small text file atomically (temp file + fsync + rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+__all__ = ["train", "evaluate", "train_one_epoch", "StepRunner", "atomic_save"]

@@ -1,0 +1,1 @@
+"""mobilenet recipe: models registered by name, a preset (recipe.toml) and launchers."""

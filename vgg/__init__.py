@@ -1,0 +1,1 @@
+"""vgg recipe: models registered by name, a preset (recipe.toml) and launchers."""
