@@ -66,7 +66,7 @@ def freeze_backbone(model: nn.Module, spec: ModelSpec) -> None:
     head_params = {id(p) for p in head.parameters()}
     for p in model.parameters():
         p.requires_grad_(id(p) in head_params)
-    for name, module in list(model.named_modules()):
+    for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.BatchNorm2d):
                 frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)

@@ -189,6 +189,25 @@ def load_preset(path: str, profile: str | None) -> dict:
     return data
 
 
+# Lower bounds checked after merging, so that a preset value is held to the same rules as a typed one.
+MINIMUMS = {
+    "epochs": 1, "batch_size": 1, "optimizer_batch_size": 1, "workers": 0, "image_size": 16, "val_resize": 16,
+    "keep_last": 1, "print_freq": 1, "eval_every": 1, "max_steps_per_epoch": 1, "iterations": 1, "warmup": 0,
+    "num_classes": 1, "lr": 0.0, "weight_decay": 0.0, "label_smoothing": 0.0, "mixup": 0.0, "warmup_epochs": 0.0,
+}  # fmt: skip
+
+
+def validate(cfg) -> None:
+    for key, low in MINIMUMS.items():
+        value = getattr(cfg, key, None)
+        if value is not None and value < low:
+            raise UserError(f"--{key.replace('_', '-')} must be at least {low}, got {value}")
+    if not 0 < getattr(cfg, "min_crop_scale", 0.5) <= 1:
+        raise UserError(f"--min-crop-scale must be in (0, 1], got {cfg.min_crop_scale}")
+    if getattr(cfg, "ema_decay", None) is not None and not 0 < cfg.ema_decay < 1:
+        raise UserError(f"--ema-decay must be between 0 and 1, got {cfg.ema_decay}")
+
+
 def resolve(cls, cli: dict, preset: str | None = None, profile: str | None = None):
     """Build ``cls`` from its defaults, then the preset, then the command line (``cli`` holds only typed options)."""
     values = {}
@@ -198,4 +217,6 @@ def resolve(cls, cli: dict, preset: str | None = None, profile: str | None = Non
     elif profile:
         raise UserError("--profile needs --preset")
     values.update(cli)
-    return cls(**values)
+    cfg = cls(**values)
+    validate(cfg)
+    return cfg

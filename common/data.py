@@ -207,6 +207,34 @@ class _Normalizer:
         return images.sub_(self.mean).div_(self.std)
 
 
+def train_transform(spec: PipelineSpec):
+    """RandomResizedCrop + horizontal flip on uint8 CHW tensors (torchvision transforms v2)."""
+    from torchvision.transforms import v2
+
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(spec.image_size, scale=(spec.min_crop_scale, 1.0), antialias=True),
+            v2.RandomHorizontalFlip(),
+        ]
+    )
+
+
+def eval_transform(spec: PipelineSpec):
+    """Resize the shorter side, then center crop (the same for the loaders and for ``predict``)."""
+    from torchvision.transforms import v2
+
+    return v2.Compose([v2.Resize(spec.resize_size, antialias=True), v2.CenterCrop(spec.image_size)])
+
+
+def load_rgb(path: str) -> torch.Tensor:
+    """Decode any PIL-readable image (grayscale, palette, RGBA, CMYK, ...) to uint8 RGB CHW."""
+    from PIL import Image
+    from torchvision.transforms.v2 import functional as F
+
+    with Image.open(path) as im:
+        return F.pil_to_tensor(im.convert("RGB"))
+
+
 class _ImageDataset(torch.utils.data.Dataset):
     """Decodes with PIL (every mode becomes RGB) and augments with torchvision transforms v2."""
 
@@ -218,11 +246,7 @@ class _ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, item: tuple[int, int]):
         index, epoch = item
-        from PIL import Image
-        from torchvision.transforms.v2 import functional as F
-
-        with Image.open(self.files[index]) as im:
-            image = F.pil_to_tensor(im.convert("RGB"))
+        image = load_rgb(self.files[index])
         # Seed the transform per image so that its crop and flip do not depend on which worker or rank
         # happens to load it (see sample_seed).
         with torch.random.fork_rng(devices=[]):
@@ -265,19 +289,12 @@ class PytorchLoader(Loader):
     the current one computes; normalisation happens on the device, where it is cheap."""
 
     def __init__(self, images: ImageList, spec: PipelineSpec, train: bool, device, rank: int, world: int):
-        from torchvision.transforms import v2
-
         if train:
-            transform = v2.Compose(
-                [
-                    v2.RandomResizedCrop(spec.image_size, scale=(spec.min_crop_scale, 1.0), antialias=True),
-                    v2.RandomHorizontalFlip(),
-                ]
-            )
+            transform = train_transform(spec)
             n = len(images)
             indices = lambda epoch: train_shard(n, spec.batch_size, rank, world, spec.seed, epoch)  # noqa: E731
         else:
-            transform = v2.Compose([v2.Resize(spec.resize_size, antialias=True), v2.CenterCrop(spec.image_size)])
+            transform = eval_transform(spec)
             shard = eval_shard(len(images), rank, world)
             indices = lambda epoch: shard  # noqa: E731
         self.sampler = _EpochSampler(indices)

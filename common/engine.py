@@ -145,8 +145,10 @@ def train_one_epoch(step: StepRunner, loader, epoch: int, logger: RunLogger, pri
     elapsed = time.perf_counter() - start
     if i == 0:
         raise UserError("the training set yields no full batch: lower --batch-size or add images")
+    # The epoch's loss is the mean over every rank's micro-batches, as one process would have logged it.
+    loss_mean = dist.all_reduce_sum(loss_sum / i) / world
     return {
-        "train.loss": (loss_sum / i).item(),
+        "train.loss": loss_mean.item(),
         "train.total_ips": seen * world / elapsed,
         "train.data_time": data_time / i,
         "train.epoch_time": elapsed,
@@ -258,11 +260,11 @@ def build_data(cfg: TrainConfig, backend: str, spec: PipelineSpec, device, rank:
     )
 
 
-def checkpoint_state(model, optimizer, scheduler, scaler, ema, epoch, step, cfg, classes, best) -> dict:
+def checkpoint_state(model, optimizer, scheduler, scaler, ema, epoch, step, config: dict, classes, best) -> dict:
     """A dict of component state_dicts plus what a resume and a later evaluate/predict need."""
     return {
         "format": "convnets-checkpoint-v1",
-        "arch": cfg.arch,
+        "arch": config["arch"],
         "model": unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
@@ -272,7 +274,7 @@ def checkpoint_state(model, optimizer, scheduler, scaler, ema, epoch, step, cfg,
         "step": step,
         "best_top1": best,
         "rng": rng_state(),
-        "config": dataclasses.asdict(cfg),
+        "config": config,  # resolved: image size, resize, classes count, backend, world size...
         "class_names": list(classes),
     }
 
@@ -383,7 +385,7 @@ def train(cfg: TrainConfig) -> dict:
             logger.log((epoch,), metrics)
             final = metrics
             if rt.is_main:
-                state = checkpoint_state(model, optimizer, scheduler, scaler, ema, epoch, global_step, cfg,
+                state = checkpoint_state(model, optimizer, scheduler, scaler, ema, epoch, global_step, resolved,
                                          data.classes, best)  # fmt: skip
                 ckpts.save(state, epoch, is_best)
             dist.barrier()

@@ -50,11 +50,26 @@ class RunLogger:
         self.enabled = enabled
         self.start = time.time()
         self.file = None
+        self.dllogger = None
         if enabled and path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self.file = open(path, "a", buffering=1)  # noqa: SIM115 - lives as long as the run
+            try:
+                import dllogger  # installed in the container from NVIDIA's repository; not on PyPI
+
+                dllogger.init(backends=[dllogger.JSONStreamBackend(dllogger.Verbosity.VERBOSE, str(path), append=True)])
+                self.dllogger = dllogger
+            except ImportError:
+                self.file = open(path, "a", buffering=1)  # noqa: SIM115 - lives as long as the run
 
     def _write(self, kind: str, step, data: dict) -> None:
+        if self.dllogger is not None:
+            if kind == "METADATA":
+                for key, meta in data.items():
+                    self.dllogger.metadata(key, meta)
+            else:
+                self.dllogger.log(step=step, data=data, verbosity=self.dllogger.Verbosity.VERBOSE)
+            self.dllogger.flush()
+            return
         if self.file is None:
             return
         now = time.time()
@@ -63,7 +78,7 @@ class RunLogger:
             "datetime": datetime.now().isoformat(sep=" "),
             "elapsedtime": now - self.start,
             "type": kind,
-            "step": step,
+            "step": list(step) if isinstance(step, tuple) else step,
             "data": data,
         }
         self.file.write("DLLL " + json.dumps(record) + "\n")
@@ -76,13 +91,15 @@ class RunLogger:
         """Log ``data`` at ``step`` (a tuple like ``(epoch, iteration)`` or a string such as ``"PARAMETER"``)."""
         if not self.enabled:
             return
-        step_json = list(step) if isinstance(step, tuple) else step
-        self._write("LOG", step_json, data)
+        self._write("LOG", step, data)
         if echo:
             where = " ".join(str(s) for s in step) if isinstance(step, tuple) else str(step)
             log.info("%s  %s", where, "  ".join(f"{k} {_format(v)}" for k, v in data.items()))
 
     def close(self) -> None:
+        if self.dllogger is not None:
+            self.dllogger.flush()
+            self.dllogger = None
         if self.file is not None:
             self.file.close()
             self.file = None

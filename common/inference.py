@@ -1,0 +1,218 @@
+"""``evaluate`` and ``predict``: a trained checkpoint applied to a labelled folder or to loose images."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from common.builders import build_model
+from common.checkpoint import load_checkpoint
+from common.data import (
+    IMG_EXTENSIONS,
+    PipelineSpec,
+    build_loader,
+    default_backend,
+    drop_bad_images,
+    eval_transform,
+    load_rgb,
+    scan_split,
+)
+from common.engine import atomic_write_text, evaluate
+from common.errors import UserError
+from common.registry import get_model_spec
+
+log = logging.getLogger("convnets")
+
+
+@dataclass
+class TrainedModel:
+    model: torch.nn.Module
+    classes: list[str]
+    config: dict
+    pipeline: PipelineSpec
+    device: torch.device
+
+
+def load_trained(path: str, device: torch.device, width_mult: float | None = None, batch_size: int = 64,
+                 workers: int = 2) -> TrainedModel:  # fmt: skip
+    """Rebuild the model a checkpoint was trained as (arch, width, classes, eval sizes) and load its weights."""
+    state = load_checkpoint(path)
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise UserError(f"checkpoint {path} is not a convnets training checkpoint (no model/config entries)")
+    cfg = state["config"]
+    spec = get_model_spec(cfg["arch"])
+    if width_mult is not None and width_mult != cfg.get("width_mult"):
+        raise UserError(f"--width-mult {width_mult} differs from the checkpoint's ({cfg.get('width_mult')}) in {path}")
+    model = build_model(spec, cfg["num_classes"], cfg.get("width_mult"), freeze=cfg.get("freeze_backbone", False))
+    model.load_state_dict(state["model"])
+    memory_format = torch.channels_last if cfg.get("memory_format") == "channels_last" else torch.contiguous_format
+    model = model.to(device, memory_format=memory_format).eval()
+    pipeline = PipelineSpec(
+        image_size=cfg["image_size"],
+        resize_size=cfg["val_resize"],
+        batch_size=batch_size,
+        workers=workers,
+        channels_last=cfg.get("memory_format") == "channels_last",
+    )
+    return TrainedModel(model, list(state["class_names"]), cfg, pipeline, device)
+
+
+def pick_device(name: str | None = None) -> torch.device:
+    return torch.device(name) if name else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def save_confusion_png(confusion: torch.Tensor, classes: list[str], path: Path, title: str) -> None:
+    """Row-normalised confusion matrix, written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = confusion.double()
+    rates = counts / counts.sum(1, keepdim=True).clamp(min=1)
+    n = len(classes)
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * n + 2), max(5, 0.45 * n + 1.5)))
+    im = ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    if n <= 50:
+        ax.set_xticks(range(n), classes, rotation=90, fontsize=8)
+        ax.set_yticks(range(n), classes, fontsize=8)
+        if n <= 20:
+            for i in range(n):
+                for j in range(n):
+                    if counts[i, j] > 0:
+                        color = "white" if rates[i, j] > 0.5 else "black"
+                        ax.text(j, i, int(counts[i, j]), ha="center", va="center", fontsize=7, color=color)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def run_evaluate(args) -> dict:
+    """Top-1/top-5, loss, per-class accuracy and a confusion matrix PNG of a checkpoint on a labelled folder."""
+    device = pick_device()
+    trained = load_trained(args.checkpoint, device, args.width_mult, args.batch_size, args.workers)
+    root = Path(args.data)
+    split = root / "val" if (root / "val").is_dir() else root
+    images = scan_split(split, classes=trained.classes)
+    images = drop_bad_images(images, args.image_check, args.skip_bad_images, args.workers)
+    backend = args.data_backend or default_backend(device)
+    loader = build_loader(backend, images, trained.pipeline, train=False, device=device)
+    result = evaluate(trained.model, loader, len(trained.classes))
+    confusion = result.confusion[: len(trained.classes), : len(trained.classes)]
+    per_class = {}
+    for i, name in enumerate(trained.classes):
+        total = int(confusion[i].sum())
+        if total:
+            per_class[name] = {"accuracy": 100 * int(confusion[i, i]) / total, "count": total}
+    output = Path(args.output) if args.output else Path(args.checkpoint).parent / f"eval_{split.name}"
+    output.mkdir(parents=True, exist_ok=True)
+    metrics = {
+        "checkpoint": str(args.checkpoint),
+        "data": str(split),
+        "arch": trained.config["arch"],
+        "images": result.count,
+        "top1": result.top1,
+        "top5": result.top5,
+        "loss": result.loss,
+        "per_class": per_class,
+        "confusion_matrix_png": str(output / "confusion_matrix.png"),
+    }
+    title = f"{trained.config['arch']} on {split}: top-1 {result.top1:.2f}%"
+    save_confusion_png(confusion, trained.classes, output / "confusion_matrix.png", title)
+    atomic_write_text(output / "metrics.json", json.dumps(metrics | {"confusion": confusion.tolist()}, indent=2))
+    if not args.json:
+        log.info("%s: %d images  top-1 %.2f%%  top-5 %.2f%%  loss %.4f", split, result.count, result.top1,
+                 result.top5, result.loss)  # fmt: skip
+        for name, c in per_class.items():
+            log.info("  %-24s %6.2f%%  (%d images)", name, c["accuracy"], c["count"])
+        log.info("confusion matrix: %s", output / "confusion_matrix.png")
+    return metrics
+
+
+def expand_paths(patterns: list[str]) -> list[tuple[str, str | None]]:
+    """Files, folders (recursive) and globs, in the order given; ``(path, error)`` for a pattern that matches nothing."""
+    out: list[tuple[str, str | None]] = []
+    for pattern in patterns:
+        p = Path(pattern)
+        if p.is_dir():
+            found = sorted(str(f) for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMG_EXTENSIONS)
+            out += [(f, None) for f in found] or [(pattern, "folder holds no image file")]
+        elif p.is_file():
+            out.append((pattern, None))
+        else:
+            matches = sorted(f for f in glob.glob(pattern, recursive=True) if Path(f).is_file())
+            out += [(f, None) for f in matches] or [(pattern, "no such file")]
+    return out
+
+
+def run_predict(args) -> int:
+    """Top-k classes with probabilities per image, as JSON lines or CSV; a bad file gets its own error line."""
+    if args.topk < 1:
+        raise UserError(f"--topk must be at least 1, got {args.topk}")
+    device = pick_device(args.device)
+    trained = load_trained(args.checkpoint, device)
+    transform = eval_transform(trained.pipeline)
+    k = min(args.topk, len(trained.classes))
+    mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1) * 255
+    writer = csv.writer(sys.stdout) if args.csv else None
+    if writer:
+        writer.writerow(["path"] + [f"{c}_{i}" for i in range(1, k + 1) for c in ("class", "prob")] + ["error"])
+    failures = 0
+
+    def emit(path: str, top: list[tuple[str, float]] | None, error: str | None) -> None:
+        if writer:
+            cells = [x for name, prob in (top or []) for x in (name, f"{prob:.6f}")]
+            writer.writerow([path] + cells + [""] * (2 * k - len(cells)) + [error or ""])
+        else:
+            record = {"path": path, "error": error} if error else {"path": path, "top": [
+                {"class": name, "prob": round(prob, 6)} for name, prob in top]}  # fmt: skip
+            print(json.dumps(record), flush=True)
+
+    # Entries keep their input order; failed ones carry an error instead of a tensor.
+    batch: list[tuple[str, torch.Tensor | None, str | None]] = []
+
+    def flush() -> None:
+        good = [t for _, t, _ in batch if t is not None]
+        results = iter([])
+        if good:
+            images = torch.stack(good).to(device).float().sub_(mean).div_(std)
+            with torch.no_grad():
+                values, indices = trained.model(images).float().softmax(1).topk(k, dim=1)
+            results = iter(zip(values.tolist(), indices.tolist(), strict=True))
+        for path, tensor, error in batch:
+            if tensor is None:
+                emit(path, None, error)
+            else:
+                v, i = next(results)
+                emit(path, [(trained.classes[c], p) for c, p in zip(i, v, strict=True)], None)
+        batch.clear()
+
+    for path, error in expand_paths(args.paths):
+        tensor = None
+        if error is None:
+            try:
+                tensor = transform(load_rgb(path))
+            except Exception as e:  # noqa: BLE001 - any decoding failure is reported for this file only
+                error = f"cannot decode: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}"
+        failures += error is not None
+        batch.append((path, tensor, error))
+        if len(batch) >= args.batch_size:
+            flush()
+    flush()
+    if failures:
+        print(f"{failures} file(s) could not be classified", file=sys.stderr)
+    return 1 if failures else 0

@@ -1,0 +1,144 @@
+"""Contracts of the engine's parts: data backends, sharding, configuration precedence, checkpoint safety."""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from common import config
+from common.checkpoint import CheckpointManager, atomic_save, load_checkpoint
+from common.data import PipelineSpec, build_loader, eval_shard, scan_split, train_shard
+from common.errors import UserError
+
+CPU = torch.device("cpu")
+
+
+def batches(loader, epoch=0):
+    loader.set_epoch(epoch)
+    return list(loader)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_backends_agree_on_labels_shapes_and_pixels(image_tree, channels_last):
+    images = scan_split(image_tree / "val")
+    spec = PipelineSpec(image_size=32, resize_size=36, batch_size=10, workers=2, channels_last=channels_last)
+    dali = batches(build_loader("dali-cpu", images, spec, train=False, device=CPU))
+    torch_ = batches(build_loader("pytorch", images, spec, train=False, device=CPU))
+    assert len(dali) == len(torch_) == 7  # 64 images, the last batch partial
+    for (xd, yd), (xt, yt) in zip(dali, torch_, strict=True):
+        assert xd.shape == xt.shape and xd.shape[1:] == (3, 32, 32)
+        assert xd.dtype == xt.dtype == torch.float32 and yd.dtype == yt.dtype == torch.int64
+        assert torch.equal(yd, yt)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        assert xd.is_contiguous(memory_format=fmt) and xt.is_contiguous(memory_format=fmt)
+        # Same decode, resize and crop up to the two libraries' resampling filters.
+        assert (xd - xt).abs().mean() < 0.15
+    labels = torch.cat([y for _, y in dali])
+    assert labels.tolist() == images.labels  # eval order is the file order
+
+
+def test_every_image_mode_becomes_rgb(image_tree):
+    """The tree mixes grayscale, palette, RGBA and CMYK files; each backend yields 3 channels for all."""
+    from PIL import Image
+
+    images = scan_split(image_tree / "train")
+    modes = {Image.open(f).mode for f in images.files}
+    assert modes >= {"L", "P", "RGBA", "CMYK", "RGB"}
+    spec = PipelineSpec(image_size=24, resize_size=28, batch_size=16, workers=1)
+    for backend in ("dali-cpu", "pytorch"):
+        seen = sum(x.shape[0] for x, _ in batches(build_loader(backend, images, spec, train=True, device=CPU)))
+        assert seen == len(images) // 16 * 16
+
+
+def test_training_order_and_augmentation_depend_on_seed_and_epoch_only(image_tree):
+    images = scan_split(image_tree / "train")
+    spec = PipelineSpec(image_size=24, resize_size=28, batch_size=16, workers=2, seed=5)
+    for backend in ("dali-cpu", "pytorch"):
+        first = batches(build_loader(backend, images, spec, train=True, device=CPU), epoch=3)
+        again = batches(build_loader(backend, images, spec, train=True, device=CPU), epoch=3)
+        other = batches(build_loader(backend, images, spec, train=True, device=CPU), epoch=4)
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again, strict=True))
+        assert not torch.equal(first[0][0], other[0][0])
+
+
+def test_train_shards_split_each_global_batch():
+    n, batch, world = 103, 4, 3
+    single = train_shard(n, batch * world, 0, 1, seed=1, epoch=2)
+    shards = [train_shard(n, batch, r, world, seed=1, epoch=2) for r in range(world)]
+    assert all(len(s) == len(shards[0]) for s in shards)
+    for step in range(len(single) // (batch * world)):
+        global_batch = single[step * batch * world : (step + 1) * batch * world]
+        parts = [s[step * batch : (step + 1) * batch] for s in shards]
+        assert np.array_equal(np.concatenate(parts), global_batch)
+    eval_parts = np.concatenate([eval_shard(n, r, world) for r in range(world)])
+    assert sorted(eval_parts.tolist()) == list(range(n))
+
+
+def test_the_pytorch_backend_pixels_do_not_depend_on_rank_or_workers(image_tree):
+    """Per-image seeds: rank 1 of 2 sees exactly micro-batch 1 of one process's global batch."""
+    images = scan_split(image_tree / "train")
+    one = batches(build_loader("pytorch", images, PipelineSpec(24, 28, batch_size=16, workers=0), True, CPU, 0, 1))
+    rank1 = batches(build_loader("pytorch", images, PipelineSpec(24, 28, batch_size=8, workers=2), True, CPU, 1, 2))
+    assert torch.equal(one[0][0][8:], rank1[0][0]) and torch.equal(one[0][1][8:], rank1[0][1])
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser()
+    config.add_arguments(parser, config.TrainConfig)
+    return {k: v for k, v in vars(parser.parse_args(argv)).items()}
+
+
+def test_precedence_defaults_preset_profile_command_line(tmp_path):
+    preset = tmp_path / "p.toml"
+    preset.write_text('arch = "resnet18"\nepochs = 7\nlr = 1\n[profiles.long]\nepochs = 70\nmixup = 0.2\n')
+    cfg = config.resolve(config.TrainConfig, _parse(["--epochs", "3"]), str(preset), "long")
+    assert (cfg.arch, cfg.epochs, cfg.mixup, cfg.lr, cfg.batch_size) == ("resnet18", 3, 0.2, 1.0, 256)
+    cfg = config.resolve(config.TrainConfig, _parse(["--no-amp", "--lr-steps", "5", "9"]), str(preset))
+    assert (cfg.epochs, cfg.amp, cfg.lr_steps) == (7, False, [5, 9])
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("epochs = 'ten'", "epochs must be int"),
+        ("epoch = 10", "unknown setting 'epoch'"),
+        ("optimizer = 'lamb'", "optimizer='lamb' is not one of"),
+        ("batch_size = 0", "--batch-size must be at least 1"),
+        ("epochs = [", "is not valid TOML"),
+    ],
+)
+def test_bad_presets_are_named(tmp_path, text, message):
+    preset = tmp_path / "bad.toml"
+    preset.write_text(text + "\n")
+    with pytest.raises(UserError, match=message) as err:
+        config.resolve(config.TrainConfig, {}, str(preset))
+    if "TOML" not in message and "at least" not in message:
+        assert str(preset) in str(err.value)
+
+
+def test_checkpoints_never_unpickle_code(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {}, "payload": argparse.Namespace(x=1)}, path)  # an arbitrary object
+    with pytest.raises(UserError, match=f"checkpoint {path} cannot be read"):
+        load_checkpoint(path)
+    path.write_bytes(pickle.dumps({"a": 1}))
+    with pytest.raises(UserError, match="cannot be read"):
+        load_checkpoint(path)
+
+
+def test_atomic_save_and_rotation(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    for epoch in range(4):
+        manager.save({"epoch": epoch, "w": torch.full((3,), float(epoch))}, epoch, is_best=epoch == 1)
+    assert [p.name for p in manager.epoch_files()] == ["checkpoint_epoch_0002.pt", "checkpoint_epoch_0003.pt"]
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 1
+    assert not list(tmp_path.glob(".*tmp"))  # no temporary file left behind
+    # A failing save leaves the previous file intact.
+    with pytest.raises(Exception):  # noqa: B017 - torch raises its own pickling error types
+        atomic_save({"bad": lambda: 0}, tmp_path / "best.pt")
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 1
+    assert not list(tmp_path.glob(".*tmp"))

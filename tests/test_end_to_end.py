@@ -1,0 +1,166 @@
+"""End-to-end: train, evaluate and predict through the CLI on generated images, and the errors users meet."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from common.logger import read_log
+from tests.conftest import FAST_TRAIN, ROOT, run_cli
+
+
+@pytest.fixture(scope="module", params=["dali-cpu", "pytorch"])
+def trained(request, image_tree, tmp_path_factory):
+    """A short training run on each CPU backend: (backend, output folder, stdout)."""
+    out = tmp_path_factory.mktemp(f"run-{request.param}")
+    proc = run_cli("train", "--data", str(image_tree), "--data-backend", request.param, "--epochs", "3",
+                   "--output", str(out), *FAST_TRAIN)  # fmt: skip
+    return request.param, out, proc.stdout
+
+
+def test_training_beats_chance(trained):
+    backend, out, stdout = trained
+    records = read_log(out / "log.json")
+    final = [r for r in records if r["step"] == [] and "val.top1" in r["data"]]
+    assert final, stdout
+    # 4 classes: chance is 25%.
+    assert final[-1]["data"]["val.top1"] >= 70.0, f"{backend}: {final[-1]['data']}"
+    config = json.loads((out / "config.json").read_text())
+    assert config["data_backend"] == backend and config["num_classes"] == 4
+    epochs = [r for r in records if len(r["step"]) == 1]
+    assert [r["step"][0] for r in epochs] == [0, 1, 2]
+    assert all("train.rss_mb" in r["data"] and "val.top5" in r["data"] for r in epochs)
+    assert {p.name for p in out.iterdir()} >= {"best.pt", "checkpoint_epoch_0002.pt", "log.json", "config.json"}
+
+
+def test_evaluate_json_and_confusion_matrix(trained, image_tree, tmp_path):
+    backend, out, _ = trained
+    proc = run_cli("evaluate", "--checkpoint", str(out / "best.pt"), "--data", str(image_tree),
+                   "--data-backend", backend, "--output", str(tmp_path), "--json")  # fmt: skip
+    result = json.loads(proc.stdout)  # stdout holds exactly one JSON object
+    assert result["images"] == 64
+    assert 0 <= result["top1"] <= result["top5"] <= 100
+    assert set(result["per_class"]) == {"blue", "green", "red", "yellow"}
+    best = max(r["data"]["val.top1"] for r in read_log(out / "log.json") if "val.top1" in r["data"])
+    assert result["top1"] == pytest.approx(best, abs=1e-6)  # same images, same model: same number
+    png = tmp_path / "confusion_matrix.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_predict_files_folders_globs_and_bad_files(trained, image_tree, tmp_path):
+    _, out, _ = trained
+    for name in ("red", "blue"):
+        shutil.copytree(image_tree / "val" / name, tmp_path / "imgs" / "nested" / name)
+    (tmp_path / "imgs" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (tmp_path / "imgs" / "empty.png").write_bytes(b"")
+    proc = run_cli("predict", "--checkpoint", str(out / "best.pt"), str(tmp_path / "imgs"),
+                   str(image_tree / "val" / "green" / "00*.png"), "--topk", "2", "--batch-size", "5",
+                   check=False)  # fmt: skip
+    assert proc.returncode == 1  # some files failed, the rest were classified
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    errors = {Path(r["path"]).name: r["error"] for r in lines if "error" in r}
+    assert set(errors) == {"broken.jpg", "empty.png"}
+    good = [r for r in lines if "top" in r]
+    assert len(good) == 16 + 16 + len(list((image_tree / "val" / "green").glob("00*.png")))
+    assert all(len(r["top"]) == 2 and r["top"][0]["prob"] >= r["top"][1]["prob"] for r in good)
+    reds = [r for r in good if "/red/" in r["path"]]
+    assert sum(r["top"][0]["class"] == "red" for r in reds) >= len(reds) * 0.6
+    csv_proc = run_cli("predict", "--checkpoint", str(out / "best.pt"), str(tmp_path / "imgs" / "nested" / "red"),
+                       "--csv", "--topk", "1")  # fmt: skip
+    rows = csv_proc.stdout.strip().splitlines()
+    assert rows[0] == "path,class_1,prob_1,error" and len(rows) == 17
+
+
+def test_resnet_launcher_passes_arguments_through(image_tree, tmp_path):
+    """`bash resnet50/train_1gpu.sh --epochs 1 --data-backend dali-cpu ...` overrides the preset."""
+    proc = subprocess.run(
+        ["bash", str(ROOT / "resnet50" / "train_1gpu.sh"), "--data", str(image_tree), "--epochs", "1",
+         "--data-backend", "dali-cpu", "--output", str(tmp_path), *FAST_TRAIN, "--max-steps-per-epoch", "2"],
+        capture_output=True, text=True, cwd=ROOT, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    config = json.loads((tmp_path / "config.json").read_text())
+    # From the command line:
+    assert (config["arch"], config["epochs"], config["data_backend"]) == ("resnet18", 1, "dali-cpu")
+    # From the preset (the engine's defaults differ):
+    assert config["memory_format"] == "channels_last" and config["momentum"] == 0.875
+
+
+def test_info_resnet50_counts():
+    result = json.loads(run_cli("info", "--arch", "resnet50", "--json").stdout)
+    assert round(result["params"] / 1e6, 1) == 25.6
+    assert round(result["macs"] / 1e9, 1) == 4.1
+
+
+def test_info_list_covers_registry():
+    from common.registry import list_models
+
+    out = run_cli("info", "--list").stdout
+    for name in list_models():
+        assert f"\n{name} " in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--arch", "resnet5"], "unknown --arch 'resnet5'. Did you mean: resnet50"),
+        (["--arch", "resnet50", "--width-mult", "0.5"], "resnet50 has no width multiplier"),
+        (["--batch-size", "0"], None),
+    ],
+)
+def test_bad_arguments_get_clear_messages(image_tree, tmp_path, args, message):
+    proc = run_cli("train", "--data", str(image_tree), "--output", str(tmp_path), "--epochs", "1",
+                   *FAST_TRAIN, *args, check=False)  # fmt: skip
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: ")
+    if message:
+        assert message in proc.stderr
+
+
+def test_missing_val_folder(fresh_tree, tmp_path):
+    shutil.rmtree(fresh_tree / "val")
+    proc = run_cli("train", "--data", str(fresh_tree), "--output", str(tmp_path), *FAST_TRAIN, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"{fresh_tree} has no val/ folder" in proc.stderr
+
+
+def test_empty_class_folder(fresh_tree, tmp_path):
+    for f in (fresh_tree / "train" / "green").iterdir():
+        f.unlink()
+    proc = run_cli("train", "--data", str(fresh_tree), "--output", str(tmp_path), *FAST_TRAIN, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "class folders with no images" in proc.stderr and str(fresh_tree / "train" / "green") in proc.stderr
+
+
+@pytest.mark.parametrize("backend", ["dali-cpu", "pytorch"])
+def test_corrupt_images_stop_or_are_skipped(fresh_tree, tmp_path, backend):
+    good = fresh_tree / "train" / "red" / "000.png"
+    truncated = fresh_tree / "train" / "red" / "truncated.png"
+    truncated.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    (fresh_tree / "train" / "blue" / "zero.jpg").write_bytes(b"")
+    (fresh_tree / "val" / "green" / "text.png").write_text("this is not an image")
+    args = ["train", "--data", str(fresh_tree), "--data-backend", backend, "--epochs", "1", *FAST_TRAIN]
+    proc = run_cli(*args, "--output", str(tmp_path / "a"), check=False, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    for name in ("truncated.png", "zero.jpg"):
+        assert name in proc.stderr
+    proc = run_cli(*args, "--output", str(tmp_path / "b"), "--skip-bad-images", timeout=300)
+    assert "leaving out 2 file(s)" in proc.stdout and "leaving out 1 file(s)" in proc.stdout
+    assert "text.png" in proc.stdout
+    # `prepare --check` lists all three and exits 1.
+    check = run_cli("prepare", "--check", str(fresh_tree), check=False)
+    assert check.returncode == 1
+    assert all(name in check.stdout for name in ("truncated.png", "zero.jpg", "text.png"))
+
+
+def test_corrupt_checkpoint_is_named(tmp_path, image_tree):
+    bad = tmp_path / "best.pt"
+    bad.write_bytes(b"PK\x03\x04 truncated zip")
+    proc = run_cli("evaluate", "--checkpoint", str(bad), "--data", str(image_tree), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"checkpoint {bad} cannot be read" in proc.stderr
