@@ -350,31 +350,118 @@ def _dali():
     return dali
 
 
-def _dali_pipeline(files, labels, train: bool, spec: PipelineSpec, decoder: str, **pipeline_kwargs):
+def counter_uniforms(seed: int, epoch: int, indices: np.ndarray, k: int) -> np.ndarray:
+    """``k`` uniforms in [0, 1) per index, a pure function of (seed, epoch, index): SplitMix64 over a counter,
+    vectorised, so a batch costs microseconds and no generator state crosses epochs."""
+    with np.errstate(over="ignore"):
+        base = (np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)) ^ (np.uint64(epoch) * np.uint64(0xBF58476D1CE4E5B9))
+        x = base + np.asarray(indices, dtype=np.uint64)[:, None] * np.uint64(1 << 20) + np.arange(k, dtype=np.uint64)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+CROP_TRIES = 10
+
+
+def random_resized_crop_window(
+    u: np.ndarray, width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float] = (3 / 4, 4 / 3)
+) -> tuple[float, float, float, float]:
+    """RandomResizedCrop's window with torchvision's sampling (10 tries, then the central crop with the ratio
+    clamped), from ``4 * CROP_TRIES`` uniforms ``u``; returned normalised as (x, y, w, h)."""
+    area = width * height
+    log_lo, log_hi = np.log(ratio[0]), np.log(ratio[1])
+    for t in range(CROP_TRIES):
+        target = area * (scale[0] + (scale[1] - scale[0]) * u[4 * t])
+        aspect = np.exp(log_lo + (log_hi - log_lo) * u[4 * t + 1])
+        w, h = round(np.sqrt(target * aspect)), round(np.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            x, y = int(u[4 * t + 2] * (width - w + 1)), int(u[4 * t + 3] * (height - h + 1))
+            return x / width, y / height, w / width, h / height
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif in_ratio > ratio[1]:
+        w, h = round(height * ratio[1]), height
+    else:
+        w, h = width, height
+    return (width - w) / 2 / width, (height - h) / 2 / height, w / width, h / height
+
+
+def _image_size(data: np.ndarray) -> tuple[int, int]:
+    """(width, height) from the header; (1, 1) for a file DALI will then report as undecodable."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data.tobytes())) as im:
+            return im.size
+    except Exception:  # noqa: BLE001 - see _dali_batches for how DALI's error reaches the user
+        return 1, 1
+
+
+class _DaliSource:
+    """Feeds DALI's ``external_source`` one batch at a time: encoded files, labels, and (for training) each
+    image's crop window and flip, drawn from (seed, epoch, index) by :func:`counter_uniforms`.
+
+    File reads go through a thread pool (they release the GIL); image sizes, needed for the crop's aspect
+    ratio, are read from the header once per file and cached. Raising StopIteration ends DALI's epoch.
+    """
+
+    def __init__(self, images: ImageList, spec: PipelineSpec, train: bool, indices_for_epoch):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.images, self.spec, self.train, self.indices_for_epoch = images, spec, train, indices_for_epoch
+        self.pool = ThreadPoolExecutor(max(1, spec.workers))
+        self.sizes: dict[int, tuple[int, int]] = {}
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.order, self.position = epoch, self.indices_for_epoch(epoch), 0
+
+    def _read(self, index: int) -> np.ndarray:
+        with open(self.images.files[index], "rb") as f:
+            return np.frombuffer(f.read(), dtype=np.uint8)
+
+    def __call__(self):
+        if self.position >= len(self.order):
+            raise StopIteration
+        batch = self.order[self.position : self.position + self.spec.batch_size]
+        self.position += len(batch)
+        data = list(self.pool.map(self._read, batch))
+        labels = [np.array([self.images.labels[i]], dtype=np.int32) for i in batch]
+        if not self.train:
+            return data, labels
+        u = counter_uniforms(self.spec.seed, self.epoch, batch, 4 * CROP_TRIES + 1)
+        anchors, shapes = [], []
+        for i, index in enumerate(batch):
+            if index not in self.sizes:
+                self.sizes[index] = _image_size(data[i])
+            x, y, w, h = random_resized_crop_window(u[i], *self.sizes[index], (self.spec.min_crop_scale, 1.0))
+            anchors.append(np.array([x, y], np.float32))
+            shapes.append(np.array([w, h], np.float32))
+        mirrors = list((u[:, -1] < 0.5).astype(np.int32).reshape(-1, 1)[:, 0])
+        return data, labels, anchors, shapes, [np.array(m, dtype=np.int32) for m in mirrors]
+
+
+def _dali_pipeline(source: _DaliSource, train: bool, spec: PipelineSpec, decoder: str, **pipeline_kwargs):
     """Build the DALI graph: one function for train and eval, as ``@pipeline_def`` intends."""
     dali = _dali()
     fn, types = dali.fn, dali.types
 
     @dali.pipeline_def(**pipeline_kwargs)
     def pipeline():
-        encoded, label = fn.readers.file(
-            files=files, labels=labels, random_shuffle=False, pad_last_batch=False, name="Reader"
-        )
         if train:
-            images = fn.decoders.image_random_crop(
-                encoded,
-                device=decoder,
-                output_type=types.RGB,
-                random_area=[spec.min_crop_scale, 1.0],
-                random_aspect_ratio=[3 / 4, 4 / 3],
-                num_attempts=100,
-            )
+            encoded, label, anchor, shape, mirror = fn.external_source(source, num_outputs=5, batch=True)
+            images = fn.decoders.image_slice(encoded, anchor, shape, device=decoder, output_type=types.RGB)
             images = fn.resize(images, resize_x=spec.image_size, resize_y=spec.image_size, antialias=True)
-            mirror = fn.random.coin_flip(probability=0.5)
         else:
+            encoded, label = fn.external_source(source, num_outputs=2, batch=True)
             images = fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
             images = fn.resize(images, resize_shorter=spec.resize_size, antialias=True)
-            mirror = False
+            mirror = 0
         images = fn.crop_mirror_normalize(
             images,
             dtype=types.FLOAT,
@@ -391,66 +478,71 @@ def _dali_pipeline(files, labels, train: bool, spec: PipelineSpec, decoder: str,
 
 
 class DaliLoader(Loader):
-    """DALI's file reader and decoders; ``gpu`` uses the mixed (nvJPEG) decoder and GPU augmentation.
+    """DALI decoders and augmentation; ``gpu`` uses the mixed (nvJPEG) decoder and GPU resizing.
 
-    A pipeline is built per epoch from this rank's file list for that epoch and a seed derived from
-    (seed, epoch, rank): DALI's own shuffling carries state from epoch to epoch, which a resumed run could
-    not replay.
+    One pipeline lives for the whole run (building one per epoch leaks host memory inside DALI, about 12 MB
+    an epoch). Its ``external_source`` decides the order and the random crops, so that they depend on
+    (seed, epoch) alone and a resumed run replays them exactly; DALI's own reader and random operators carry
+    state from epoch to epoch.
     """
 
     def __init__(self, images: ImageList, spec: PipelineSpec, train: bool, gpu: bool, device, rank: int, world: int):
         _dali()
-        self.images, self.spec, self.train, self.gpu = images, spec, train, gpu
-        self.device, self.rank, self.world = device, rank, world
         n = len(images)
-        per_rank = (n // (spec.batch_size * world)) * spec.batch_size if train else len(eval_shard(n, rank, world))
-        super().__init__(per_rank // spec.batch_size if train else -(-per_rank // spec.batch_size))
+        if train:
+            indices = lambda epoch: train_shard(n, spec.batch_size, rank, world, spec.seed, epoch)  # noqa: E731
+        else:
+            shard = eval_shard(n, rank, world)
+            indices = lambda epoch: shard  # noqa: E731
+        self.source = _DaliSource(images, spec, train, indices)
+        self.spec, self.train, self.gpu, self.device = spec, train, gpu, device
+        self.iterator = None
+        self.fresh = False
+        super().__init__(-(-len(indices(0)) // spec.batch_size))
 
-    def _indices(self) -> np.ndarray:
-        n = len(self.images)
-        if self.train:
-            return train_shard(n, self.spec.batch_size, self.rank, self.world, self.spec.seed, self.epoch)
-        return eval_shard(n, self.rank, self.world)
-
-    def __iter__(self):
+    def _build(self):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-        idx = self._indices()
-        if len(idx) == 0:
-            return
-        files = [self.images.files[i] for i in idx]
-        labels = [self.images.labels[i] for i in idx]
-        seed = int(np.random.default_rng([self.spec.seed, self.epoch, self.rank, 7]).integers(2**31))
         pipe = _dali_pipeline(
-            files,
-            labels,
+            self.source,
             self.train,
             self.spec,
             decoder="mixed" if self.gpu else "cpu",
             batch_size=self.spec.batch_size,
             num_threads=max(1, self.spec.workers),
-            device_id=self.device.index or 0 if self.gpu else None,
-            seed=seed,
+            device_id=(self.device.index or 0) if self.gpu else None,
+            seed=self.spec.seed,
             prefetch_queue_depth=2,
         )
         pipe.build()
-        iterator = DALIGenericIterator(
-            pipe,
-            ["images", "labels"],
-            reader_name="Reader",
-            last_batch_policy=LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL,
-            auto_reset=False,
-        )
+        self.iterator = DALIGenericIterator(
+            pipe, ["images", "labels"], last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False,
+            prepare_first_batch=False,
+        )  # fmt: skip
+        self.fresh = True
+
+    def __iter__(self):
+        self.source.set_epoch(self.epoch)
+        if self.iterator is None:
+            self._build()
+        elif not self.fresh:
+            self.iterator.reset()
+        self.fresh = False
         memory_format = torch.channels_last if self.spec.channels_last else torch.contiguous_format
+        finished = False
         try:
-            for batch in _dali_batches(iterator):
+            for batch in _dali_batches(self.iterator):
                 images, labels = batch[0]["images"], batch[0]["labels"]
                 if self.spec.channels_last:
                     images = images.permute(0, 3, 1, 2)
                 images = images.to(self.device, non_blocking=True).contiguous(memory_format=memory_format)
                 yield images, labels.view(-1).long().to(self.device, non_blocking=True)
+            finished = True
         finally:
-            del iterator, pipe
+            if not finished:
+                # Left mid-epoch (--max-steps-per-epoch, an error): batches of this epoch are still queued
+                # inside DALI, so the next epoch starts from a new pipeline.
+                self.iterator = None
 
 
 def _dali_batches(iterator):

@@ -59,9 +59,18 @@ def init_distributed() -> Runtime:
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum ``t`` over ranks in place (a no-op in a single process)."""
+    """Sum ``t`` over ranks in place (a no-op in a single process).
+
+    Metrics are accumulated on the CPU; NCCL only reduces CUDA tensors, so under NCCL the values make a round
+    trip through the GPU (a few bytes, once per epoch).
+    """
     if world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        if dist.get_backend() == "nccl" and not t.is_cuda:
+            buffer = t.to(torch.device("cuda", torch.cuda.current_device()))
+            dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+            t.copy_(buffer)
+        else:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
 

@@ -143,7 +143,7 @@ def run_evaluate(args) -> dict:
 
 
 def expand_paths(patterns: list[str]) -> list[tuple[str, str | None]]:
-    """Files, folders (recursive) and globs, in the order given; ``(path, error)`` for a pattern that matches nothing."""
+    """Files, folders (recursive) and globs, in order; ``(pattern, error)`` where a pattern matches nothing."""
     out: list[tuple[str, str | None]] = []
     for pattern in patterns:
         p = Path(pattern)
