@@ -22,8 +22,8 @@ import torch
 import torch.nn as nn
 
 from common.benchmark import device_name, run_benchmark
+from common.checkpoint import atomic_write_text
 from common.config import BenchmarkConfig
-from common.engine import atomic_write_text
 from common.registry import create_model
 
 RESULTS = Path(__file__).resolve().parent / "results"

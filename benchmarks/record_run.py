@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from common.benchmark import device_name
-from common.engine import atomic_write_text
+from common.checkpoint import atomic_write_text
 from common.logger import read_log
 
 RESULTS = Path(__file__).resolve().parent / "results"

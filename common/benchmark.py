@@ -18,9 +18,10 @@ import torch
 import torch.nn as nn
 
 from common.builders import build_model, build_optimizer, build_scheduler
+from common.checkpoint import atomic_write_text
 from common.config import BenchmarkConfig, TrainConfig
-from common.data import ImageList, PipelineSpec, SyntheticLoader, build_loader, default_backend, scan_split
-from common.engine import StepRunner, atomic_write_text, autocast_context, resolve_sizes
+from common.data import ImageList, SyntheticLoader, build_loader, default_backend, scan_split
+from common.engine import StepRunner, autocast_context, pipeline_spec, resolve_sizes
 from common.errors import UserError
 from common.registry import get_model_spec
 from common.telemetry import GpuSampler, host_peak_rss_mb
@@ -76,8 +77,7 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
         raise UserError(f"--data-backend {backend} needs --data DIR")
     if cfg.mode == "data" and backend == "synthetic":
         raise UserError("--mode data measures a real loader: give --data DIR and a --data-backend other than synthetic")
-    pipe = PipelineSpec(image_size, resize, cfg.min_crop_scale, cfg.batch_size, cfg.workers,
-                        cfg.memory_format == "channels_last", cfg.seed)  # fmt: skip
+    pipe = pipeline_spec(cfg, image_size, resize)
     train = cfg.mode != "inference"
     if backend == "synthetic":
         loader = SyntheticLoader(pipe, cfg.num_classes or 1000, cfg.warmup + cfg.iterations, device)

@@ -4,10 +4,7 @@
 # Environment: BATCH_SIZES (default "64 128 256"), PRECISIONS (default "fp32 amp"; amp is fp16 on GPU and
 # bf16 on CPU, where it is slower without bf16 units), MODES (default "train inference").
 set -euo pipefail
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-if [[ -z "${PYTHON:-}" ]]; then
-  if [[ -x "$root/.venv/bin/python" ]]; then PYTHON="$root/.venv/bin/python"; else PYTHON=python3; fi
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/python.sh"
 arch="${1:?usage: benchmark_sweep.sh ARCH [ARGS...]}"
 shift
 for arg in "$@"; do

@@ -194,7 +194,7 @@ class PipelineSpec:
     seed: int = 0
 
 
-class _Normalizer:
+class Normalizer:
     """uint8 NCHW -> normalised float in the requested memory format, on the training device."""
 
     def __init__(self, device: torch.device, channels_last: bool):
@@ -310,7 +310,7 @@ class PytorchLoader(Loader):
         )
         super().__init__(len(self.loader))
         self.device = device
-        self.normalize = _Normalizer(device, spec.channels_last)
+        self.normalize = Normalizer(device, spec.channels_last)
 
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from common import distributed as dist
 from common.builders import build_model, build_optimizer, build_scheduler
-from common.checkpoint import CheckpointManager, atomic_save, load_checkpoint, rng_state, set_rng_state
+from common.checkpoint import CheckpointManager, atomic_write_text, load_checkpoint, rng_state, set_rng_state
 from common.config import TrainConfig
 from common.data import PipelineSpec, build_loader, default_backend, drop_bad_images, scan_split
 from common.errors import UserError
@@ -41,6 +41,12 @@ def resolve_sizes(spec: ModelSpec, image_size: int | None, val_resize: int | Non
     """(image_size, eval resize): the model's defaults unless given; resize = size / crop_fraction."""
     size = image_size or spec.image_size
     return size, val_resize or int(round(size / spec.crop_fraction))
+
+
+def pipeline_spec(cfg, image_size: int, resize: int) -> PipelineSpec:
+    """What the loaders need from a train or benchmark configuration."""
+    return PipelineSpec(image_size, resize, cfg.min_crop_scale, cfg.batch_size, cfg.workers,
+                        cfg.memory_format == "channels_last", cfg.seed)  # fmt: skip
 
 
 def autocast_context(device: torch.device, enabled: bool, dtype: str):
@@ -302,8 +308,7 @@ def train(cfg: TrainConfig) -> dict:
             f"({cfg.batch_size} x {world})"
         )
     accumulation = optimizer_batch // (cfg.batch_size * world)
-    pipe = PipelineSpec(image_size, resize, cfg.min_crop_scale, cfg.batch_size, cfg.workers,
-                        cfg.memory_format == "channels_last", cfg.seed)  # fmt: skip
+    pipe = pipeline_spec(cfg, image_size, resize)
     data = build_data(cfg, backend, pipe, rt.device, rt.rank, world)
     num_classes = cfg.num_classes or len(data.classes)
     if num_classes < len(data.classes):
@@ -414,16 +419,3 @@ def _load_resume(cfg: TrainConfig, ckpts: CheckpointManager, classes: list[str])
     if state.get("class_names") != list(classes):
         raise UserError(f"checkpoint {path} was trained on other classes than {cfg.data}/train")
     return state, path
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a small text file atomically (temp file + fsync + rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-__all__ = ["train", "evaluate", "train_one_epoch", "StepRunner", "atomic_save"]

@@ -13,9 +13,10 @@ from pathlib import Path
 import torch
 
 from common.builders import build_model
-from common.checkpoint import load_checkpoint
+from common.checkpoint import atomic_write_text, load_checkpoint
 from common.data import (
     IMG_EXTENSIONS,
+    Normalizer,
     PipelineSpec,
     build_loader,
     default_backend,
@@ -24,7 +25,7 @@ from common.data import (
     load_rgb,
     scan_split,
 )
-from common.engine import atomic_write_text, evaluate
+from common.engine import evaluate
 from common.errors import UserError
 from common.registry import get_model_spec
 
@@ -166,8 +167,7 @@ def run_predict(args) -> int:
     trained = load_trained(args.checkpoint, device)
     transform = eval_transform(trained.pipeline)
     k = min(args.topk, len(trained.classes))
-    mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1) * 255
-    std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1) * 255
+    normalize = Normalizer(device, trained.pipeline.channels_last)
     writer = csv.writer(sys.stdout) if args.csv else None
     if writer:
         writer.writerow(["path"] + [f"{c}_{i}" for i in range(1, k + 1) for c in ("class", "prob")] + ["error"])
@@ -189,7 +189,7 @@ def run_predict(args) -> int:
         good = [t for _, t, _ in batch if t is not None]
         results = iter([])
         if good:
-            images = torch.stack(good).to(device).float().sub_(mean).div_(std)
+            images = normalize(torch.stack(good).to(device))
             with torch.no_grad():
                 values, indices = trained.model(images).float().softmax(1).topk(k, dim=1)
             results = iter(zip(values.tolist(), indices.tolist(), strict=True))

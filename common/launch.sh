@@ -3,12 +3,9 @@
 #   common/launch.sh PROCS SUBCOMMAND [ARGS...]
 # PROCS is the number of processes on this node (one per GPU; on a CPU-only machine they share the cores
 # and talk over gloo). Several nodes: set NNODES, NODE_RANK, MASTER_ADDR and MASTER_PORT, as Slurm or a
-# Kubernetes job gives them. The interpreter is $PYTHON, else the repository's .venv, else python3.
+# Kubernetes job gives them. The interpreter: see python.sh.
 set -euo pipefail
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-if [[ -z "${PYTHON:-}" ]]; then
-  if [[ -x "$root/.venv/bin/python" ]]; then PYTHON="$root/.venv/bin/python"; else PYTHON=python3; fi
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/python.sh"
 procs="${1:?usage: common/launch.sh PROCS SUBCOMMAND [ARGS...]}"
 shift
 # A recipe can set RECIPE_NOTE (costs, caveats) to be shown above the engine's --help.
