@@ -12,14 +12,18 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
+from pathlib import Path
 
 import torch.nn as nn
 
 from common.errors import UserError
 
-#: Modules imported when the installed entry points cannot be read (a source checkout run without
-#: ``pip install -e .``). Kept in one place so adding a recipe means one line here and one in pyproject.
-FALLBACK_RECIPES = ("resnet50.models", "mobilenet.models", "vgg.models")
+
+def _checkout_recipes() -> list[str]:
+    """Recipe modules of a source checkout run without ``pip install -e .``: every ``<folder>/models.py``
+    beside ``common/``."""
+    root = Path(__file__).resolve().parents[1]
+    return sorted(f"{p.parent.name}.models" for p in root.glob("*/models.py") if p.parent.name != "common")
 
 
 @dataclass(frozen=True)
@@ -87,7 +91,7 @@ def load_recipes() -> None:
     global _recipes_loaded
     if _recipes_loaded:
         return
-    modules = [ep.value for ep in entry_points(group="convnets.recipes")] or list(FALLBACK_RECIPES)
+    modules = [ep.value for ep in entry_points(group="convnets.recipes")] or _checkout_recipes()
     for module in modules:
         importlib.import_module(module)
     _recipes_loaded = True

@@ -164,3 +164,63 @@ def test_corrupt_checkpoint_is_named(tmp_path, image_tree):
     proc = run_cli("evaluate", "--checkpoint", str(bad), "--data", str(image_tree), check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"checkpoint {bad} cannot be read" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("recipe", "arch", "from_preset"),
+    [
+        ("resnet50", "resnet18", {"momentum": 0.875, "weight_decay": 3.0517578125e-05}),
+        ("mobilenet", "mobilenet_v1", {"depthwise_weight_decay": False, "momentum": 0.9}),
+        ("vgg", "vgg11_bn", {"label_smoothing": 0.0, "lr_schedule": "step"}),
+    ],
+)
+def test_every_recipe_launcher_passes_arguments_through(recipe, arch, from_preset, image_tree, tmp_path):
+    proc = subprocess.run(
+        ["bash", str(ROOT / recipe / "train_1gpu.sh"), "--data", str(image_tree), "--arch", arch, "--epochs", "1",
+         "--batch-size", "8", "--image-size", "32", "--max-steps-per-epoch", "1", "--workers", "1",
+         "--output", str(tmp_path)],
+        capture_output=True, text=True, cwd=ROOT, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert (config["arch"], config["epochs"], config["batch_size"]) == (arch, 1, 8)
+    assert {k: config[k] for k in from_preset} == from_preset
+
+
+def test_vgg_scripts_say_vgg_is_heavy():
+    for script in ("train_1gpu.sh", "benchmark.sh"):
+        proc = subprocess.run(["bash", str(ROOT / "vgg" / script), "--help"], capture_output=True, text=True, cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr
+        assert "VGG is heavy" in proc.stdout and "15.5 G multiply-adds" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["info", "--arch", "vgg16", "--width-mult", "0.5"],
+        ["benchmark", "--arch", "resnet50", "--width-mult", "0.5", "--iterations", "1", "--warmup", "0"],
+        ["train", "--arch", "mobilenet_v3_small", "--width-mult", "0.75"],
+    ],
+)
+def test_width_mult_is_refused_for_models_without_one(command, image_tree):
+    if command[0] == "train":
+        command = [*command, "--data", str(image_tree)]
+    proc = run_cli(*command, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "has no width multiplier" in proc.stderr
+
+
+def test_width_mult_reaches_info_and_the_checkpoint(image_tree, tmp_path):
+    half = json.loads(run_cli("info", "--arch", "mobilenet_v1", "--width-mult", "0.5", "--json").stdout)
+    assert round(half["macs"] / 1e6) == 150 and round(half["params"] / 1e6, 1) == 1.3
+    run_cli("train", "--data", str(image_tree), "--arch", "mobilenet_v1", "--width-mult", "0.25", "--epochs", "1",
+            "--max-steps-per-epoch", "1", "--batch-size", "8", "--image-size", "32",
+            "--output", str(tmp_path))  # fmt: skip
+    from common.checkpoint import load_checkpoint
+
+    assert load_checkpoint(tmp_path / "best.pt")["config"]["width_mult"] == 0.25
+    proc = run_cli("evaluate", "--checkpoint", str(tmp_path / "best.pt"), "--data", str(image_tree), "--json")
+    assert json.loads(proc.stdout)["images"] == 64
+    wrong = run_cli("evaluate", "--checkpoint", str(tmp_path / "best.pt"), "--data", str(image_tree),
+                    "--width-mult", "0.5", check=False)  # fmt: skip
+    assert wrong.returncode == 2 and "differs from the checkpoint's (0.25)" in wrong.stderr
