@@ -29,7 +29,8 @@ for mode in ${MODES:-train inference}; do
       echo "== $arch $mode $precision batch $bs -> $file"
       "$PYTHON" -m common benchmark --arch "$arch" --mode "$mode" --batch-size "$bs" "${flags[@]}" \
         --memory-format channels_last --json "$file" "$@" >/dev/null
-      "$PYTHON" -c 'import json,sys; r=json.load(open(sys.argv[1])); print(f"   {r[\"throughput_img_s\"]:.1f} img/s  p99 {r[\"latency_ms\"][\"p99\"]:.1f} ms  {r[\"device\"]}")' "$file"
+      "$PYTHON" -c 'import json, sys; r = json.load(open(sys.argv[1])); lat = r["latency_ms"]["p99"]
+print("   %.1f img/s  p99 %.1f ms  %s" % (r["throughput_img_s"], lat, r["device"]))' "$file"
     done
   done
 done
