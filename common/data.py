@@ -442,8 +442,8 @@ class _DaliSource:
             x, y, w, h = random_resized_crop_window(u[i], *self.sizes[index], (self.spec.min_crop_scale, 1.0))
             anchors.append(np.array([x, y], np.float32))
             shapes.append(np.array([w, h], np.float32))
-        mirrors = list((u[:, -1] < 0.5).astype(np.int32).reshape(-1, 1)[:, 0])
-        return data, labels, anchors, shapes, [np.array(m, dtype=np.int32) for m in mirrors]
+        mirrors = [np.array(flip, dtype=np.int32) for flip in u[:, -1] < 0.5]
+        return data, labels, anchors, shapes, mirrors
 
 
 def _dali_pipeline(source: _DaliSource, train: bool, spec: PipelineSpec, decoder: str, **pipeline_kwargs):
