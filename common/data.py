@@ -172,6 +172,15 @@ def eval_shard(n: int, rank: int, world: int) -> np.ndarray:
     return np.arange(rank, n, world)
 
 
+def shard_indices(n: int, spec: PipelineSpec, train: bool, rank: int, world: int):
+    """``epoch -> this rank's indices`` for either split: a new block permutation per training epoch, the same
+    fixed shard every eval epoch. Every backend orders its data through this one function."""
+    if train:
+        return lambda epoch: train_shard(n, spec.batch_size, rank, world, spec.seed, epoch)
+    shard = eval_shard(n, rank, world)
+    return lambda epoch: shard
+
+
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """Per-image augmentation seed: independent of rank, worker and batch, so sharding cannot change it."""
     return int(np.random.default_rng([seed, epoch, index]).integers(2**62))
@@ -289,15 +298,8 @@ class PytorchLoader(Loader):
     the current one computes; normalisation happens on the device, where it is cheap."""
 
     def __init__(self, images: ImageList, spec: PipelineSpec, train: bool, device, rank: int, world: int):
-        if train:
-            transform = train_transform(spec)
-            n = len(images)
-            indices = lambda epoch: train_shard(n, spec.batch_size, rank, world, spec.seed, epoch)  # noqa: E731
-        else:
-            transform = eval_transform(spec)
-            shard = eval_shard(len(images), rank, world)
-            indices = lambda epoch: shard  # noqa: E731
-        self.sampler = _EpochSampler(indices)
+        transform = train_transform(spec) if train else eval_transform(spec)
+        self.sampler = _EpochSampler(shard_indices(len(images), spec, train, rank, world))
         self.loader = torch.utils.data.DataLoader(
             _ImageDataset(images, transform, spec.seed),
             batch_size=spec.batch_size,
@@ -488,12 +490,7 @@ class DaliLoader(Loader):
 
     def __init__(self, images: ImageList, spec: PipelineSpec, train: bool, gpu: bool, device, rank: int, world: int):
         _dali()
-        n = len(images)
-        if train:
-            indices = lambda epoch: train_shard(n, spec.batch_size, rank, world, spec.seed, epoch)  # noqa: E731
-        else:
-            shard = eval_shard(n, rank, world)
-            indices = lambda epoch: shard  # noqa: E731
+        indices = shard_indices(len(images), spec, train, rank, world)
         self.source = _DaliSource(images, spec, train, indices)
         self.spec, self.train, self.gpu, self.device = spec, train, gpu, device
         self.iterator = None
