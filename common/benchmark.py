@@ -6,6 +6,7 @@ so latencies are real; utilisation, memory and power are sampled through pynvml 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -21,7 +22,7 @@ from common.builders import build_model, build_optimizer, build_scheduler
 from common.checkpoint import atomic_write_text
 from common.config import BenchmarkConfig, TrainConfig
 from common.data import ImageList, SyntheticLoader, build_loader, default_backend, scan_split
-from common.engine import StepRunner, autocast_context, pipeline_spec, resolve_sizes
+from common.engine import StepRunner, autocast_context, pipeline_spec, resolve_amp, resolve_sizes
 from common.errors import UserError
 from common.registry import get_model_spec
 from common.telemetry import GpuSampler, host_peak_rss_mb
@@ -70,6 +71,7 @@ def _time_loop(step_fn, batches, warmup: int, iterations: int, device) -> tuple[
 def run_benchmark(cfg: BenchmarkConfig) -> dict:
     """Time one mode and return (and optionally write) the result dictionary."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = dataclasses.replace(cfg, amp=resolve_amp(cfg.amp, device))
     spec = get_model_spec(cfg.arch)
     image_size, resize = resolve_sizes(spec, cfg.image_size, cfg.val_resize)
     backend = cfg.data_backend or ("synthetic" if cfg.data is None else default_backend(device))
@@ -125,10 +127,12 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
         "latency_ms": {f"p{q}": float(np.percentile(latency, q)) for q in (50, 90, 95, 99)}
         | {"mean": float(latency.mean())},
         "device": device_name(device),
+        # On GPU: what torch's allocator held at most. DALI's own device pool and nvJPEG buffers are not in it;
+        # the NVML figure under "gpu" (whole-device memory in use) is.
         "peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20
         if device.type == "cuda"
         else host_peak_rss_mb(),
-        "peak_memory_kind": "device" if device.type == "cuda" else "host RSS",
+        "peak_memory_kind": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "host RSS",
         "torch": torch.__version__,
         "cpu_count": os.cpu_count(),
     }

@@ -96,6 +96,22 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def restore_rng(saved: list[dict] | dict, rank: int, world: int, fallback_seed: int) -> None:
+    """Give this rank the generators it had when ``saved`` (one state per rank) was written.
+
+    A run resumed on another number of processes cannot continue every stream: each rank is then seeded
+    afresh from ``fallback_seed + rank``, so that ranks still draw different mixup and dropout values.
+    """
+    states = saved if isinstance(saved, list) else [saved]
+    if len(states) == world:
+        set_rng_state(states[rank])
+        return
+    log.warning("checkpoint holds RNG states of %d processes, this run has %d: reseeding", len(states), world)
+    torch.manual_seed(fallback_seed + rank)
+    np.random.seed(fallback_seed + rank)
+    random.seed(fallback_seed + rank)
+
+
 class CheckpointManager:
     """Saves ``checkpoint_epoch_NNNN.pt`` each epoch and ``best.pt``, keeping the last ``keep_last`` epochs."""
 

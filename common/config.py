@@ -55,7 +55,9 @@ class ModelConfig:
 
 @dataclass
 class PrecisionConfig:
-    amp: bool = opt(False, "automatic mixed precision (off by default: CPUs without bf16 units run it slower)")
+    amp: bool | None = opt(
+        None, "automatic mixed precision; unset: on with a CUDA GPU, off on CPU (where autocast can be slower)"
+    )
     amp_dtype: str = opt("float16", "autocast dtype; float16 uses a dynamic GradScaler", ("float16", "bfloat16"))
     tf32: bool = opt(True, "TF32 matmuls and convolutions on Ampere and later")
     memory_format: str = opt("contiguous", "tensor memory format", ("contiguous", "channels_last"))

@@ -24,6 +24,11 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def local_rank() -> int:
+    """This process's index on its node, as torchrun sets it (0 for a plain process)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
 @dataclass(frozen=True)
 class Runtime:
     """Where this process runs: its device, rank and the size of the job."""
@@ -41,9 +46,8 @@ class Runtime:
 def init_distributed() -> Runtime:
     """Join the process group torchrun describes (NCCL on GPU, gloo on CPU); a single process needs none."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        device = torch.device("cuda", local_rank() % torch.cuda.device_count())
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
@@ -55,7 +59,7 @@ def init_distributed() -> Runtime:
         # Several processes share the few cores of a CPU-only machine: without this each one starts as
         # many threads as there are cores and they thrash.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
-    return Runtime(device=device, rank=rank(), local_rank=local_rank, world_size=world)
+    return Runtime(device=device, rank=rank(), local_rank=local_rank(), world_size=world)
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -74,6 +78,15 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_gather_object(obj) -> list:
+    """``obj`` from every rank, in rank order (``[obj]`` in a single process)."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()
@@ -89,14 +102,18 @@ def set_gpu_affinity(local_rank: int) -> None:
 
     Warns instead of failing: affinity is a speed-up, never a reason to stop a run.
     """
-    try:
-        import pynvml
+    from common.telemetry import nvml_handle
 
-        pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(local_rank)
+    try:
+        if not torch.cuda.is_available():
+            raise RuntimeError("no CUDA device")
+        index = local_rank % torch.cuda.device_count()
+        pynvml, handle = nvml_handle(index)
         words = pynvml.nvmlDeviceGetCpuAffinity(handle, (os.cpu_count() + 63) // 64)
         cores = {i * 64 + b for i, word in enumerate(words) for b in range(64) if (word >> b) & 1}
         os.sched_setaffinity(0, cores)
-        log.info("rank %d: CPU affinity set to %d cores near GPU %d", rank(), len(cores), local_rank)
+        log.info("local rank %d: CPU affinity set to %d cores near cuda:%d", local_rank, len(cores), index)
     except Exception as e:  # noqa: BLE001 - NVML missing, no GPU, containers without the capability, ...
-        log.warning("--gpu-affinity: could not set CPU affinity for GPU %d (%s); continuing without", local_rank, e)
+        log.warning(
+            "--gpu-affinity: could not set CPU affinity for local rank %d (%s); continuing without", local_rank, e
+        )

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from common import distributed as dist
 from common.builders import build_model, build_optimizer, build_scheduler
-from common.checkpoint import CheckpointManager, atomic_write_text, load_checkpoint, rng_state, set_rng_state
+from common.checkpoint import CheckpointManager, atomic_write_text, load_checkpoint, restore_rng, rng_state
 from common.config import TrainConfig
 from common.data import PipelineSpec, build_loader, default_backend, drop_bad_images, scan_split
 from common.errors import UserError
@@ -51,6 +51,12 @@ def pipeline_spec(cfg, image_size: int, resize: int) -> PipelineSpec:
 
 def autocast_context(device: torch.device, enabled: bool, dtype: str):
     return torch.autocast(device.type, dtype=getattr(torch, dtype), enabled=enabled)
+
+
+def resolve_amp(amp: bool | None, device: torch.device) -> bool:
+    """``--amp`` as given, else on for CUDA (as NVIDIA's recipes train) and off on CPU, where autocast is
+    slower than fp32 on cores without bf16 units."""
+    return device.type == "cuda" if amp is None else amp
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -119,40 +125,44 @@ def train_one_epoch(step: StepRunner, loader, epoch: int, logger: RunLogger, pri
     loader.set_epoch(epoch)
     total = min(len(loader), max_steps or len(loader))
     bar = ProgressBar(total, f"epoch {epoch}", logger.enabled)
+    # The loss is summed on the device and read back only when a line is logged: a .item() every step
+    # would make the host wait for the GPU and lose the overlap of data loading with compute.
     loss_sum = torch.zeros((), dtype=torch.float64)
     seen, data_time, start = 0, 0.0, time.perf_counter()
     window_start, window_images = start, 0
     end = start
-    i = 0
+    i, shown = 0, ""
     for i, (images, labels) in enumerate(loader, 1):
         data_time += time.perf_counter() - end
         loss, _ = step(images, labels)
-        loss_sum += loss.double().cpu()  # a CPU-GPU sync point, once per step: keeps logged losses exact
+        loss_sum = loss_sum.to(loss.device) + loss.double()
         seen += labels.shape[0]
         window_images += labels.shape[0]
         if i % print_freq == 0 or i == total:
+            value = loss.item()  # waits for the GPU: the window's images/s below are then computed ones
             now = time.perf_counter()
             logger.log(
                 (epoch, i),
                 {
-                    "train.loss": loss.item(),
+                    "train.loss": value,
                     "train.lr": step.optimizer.param_groups[0]["lr"],
                     "train.total_ips": window_images * world / (now - window_start),
                     "train.data_time": data_time / i,
                 },
                 echo=not bar.enabled,
             )
-            window_start, window_images = now, 0
-        bar.update(i, f"loss {loss.item():.4f}")
+            window_start, window_images, shown = now, 0, f"loss {value:.4f}"
+        bar.update(i, shown)
         end = time.perf_counter()
-        if i >= total:
+        if max_steps and i >= max_steps:
+            # Only a cut epoch stops early: a loader run to its end keeps its pipeline for the next epoch.
             break
     bar.close()
     elapsed = time.perf_counter() - start
     if i == 0:
         raise UserError("the training set yields no full batch: lower --batch-size or add images")
     # The epoch's loss is the mean over every rank's micro-batches, as one process would have logged it.
-    loss_mean = dist.all_reduce_sum(loss_sum / i) / world
+    loss_mean = dist.all_reduce_sum(loss_sum.cpu() / i) / world
     return {
         "train.loss": loss_mean.item(),
         "train.total_ips": seen * world / elapsed,
@@ -181,6 +191,17 @@ class EvalResult:
         }
 
 
+def batch_metrics(logits: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed loss, top-1 hits, top-k hits, count) as one float64 tensor, and the top-1 predictions; both
+    on the logits' device, so a batch costs one transfer."""
+    topk = logits.topk(k, dim=1).indices
+    correct = topk.eq(labels.view(-1, 1))
+    loss = F.cross_entropy(logits, labels, reduction="sum")
+    count = torch.tensor(labels.numel(), dtype=torch.float64, device=logits.device)
+    sums = torch.stack([loss.double(), correct[:, 0].sum().double(), correct.any(1).sum().double(), count])
+    return sums, topk[:, 0]
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, num_classes: int, amp: bool = False, amp_dtype: str = "float16") -> EvalResult:
     """Loss, top-1/top-5 (percent) and the confusion matrix, summed over ranks."""
@@ -193,15 +214,11 @@ def evaluate(model: nn.Module, loader, num_classes: int, amp: bool = False, amp_
         start = time.perf_counter()
         with autocast_context(images.device, amp, amp_dtype):
             logits = model(images).float()
-        topk = logits.topk(k, dim=1).indices
-        correct = topk.eq(labels.view(-1, 1))
-        loss = F.cross_entropy(logits, labels, reduction="sum")
-        batch = torch.stack(
-            [loss.double(), correct[:, 0].sum().double(), correct.any(1).sum().double(), torch.tensor(labels.numel())]
-        ).cpu()
+        batch, top1 = batch_metrics(logits, labels, k)
+        batch = batch.cpu()  # waits for the device, so the latency below is the batch's compute time
         latencies.append((time.perf_counter() - start) * 1000)
         sums += batch
-        confusion += torch.bincount((labels * num_classes + topk[:, 0]).cpu(), minlength=num_classes**2)
+        confusion += torch.bincount((labels * num_classes + top1).cpu(), minlength=num_classes**2)
     dist.all_reduce_sum(sums)
     dist.all_reduce_sum(confusion)
     n = max(1.0, sums[3].item())
@@ -266,7 +283,8 @@ def build_data(cfg: TrainConfig, backend: str, spec: PipelineSpec, device, rank:
     )
 
 
-def checkpoint_state(model, optimizer, scheduler, scaler, ema, epoch, step, config: dict, classes, best) -> dict:
+def checkpoint_state(model, optimizer, scheduler, scaler, ema, epoch, step, config: dict, classes, best,
+                     rngs: list[dict]) -> dict:  # fmt: skip
     """A dict of component state_dicts plus what a resume and a later evaluate/predict need."""
     return {
         "format": "convnets-checkpoint-v1",
@@ -279,7 +297,7 @@ def checkpoint_state(model, optimizer, scheduler, scaler, ema, epoch, step, conf
         "epoch": epoch,
         "step": step,
         "best_top1": best,
-        "rng": rng_state(),
+        "rng": rngs,  # one entry per rank
         "config": config,  # resolved: image size, resize, classes count, backend, world size...
         "class_names": list(classes),
     }
@@ -289,9 +307,11 @@ def train(cfg: TrainConfig) -> dict:
     """Run a full training as ``cfg`` describes; returns the final validation metrics (rank 0)."""
     spec = get_model_spec(cfg.arch)
     check_width_mult(spec, cfg.width_mult)
-    rt = dist.init_distributed()
     if cfg.gpu_affinity:
-        dist.set_gpu_affinity(rt.local_rank)
+        # Before the process group and the loaders start their threads: they inherit the mask.
+        dist.set_gpu_affinity(dist.local_rank())
+    rt = dist.init_distributed()
+    cfg = dataclasses.replace(cfg, amp=resolve_amp(cfg.amp, rt.device))
     seed_everything(cfg.seed, rt.rank, cfg.deterministic)
     if rt.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
@@ -341,11 +361,12 @@ def train(cfg: TrainConfig) -> dict:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty when the checkpoint ran without fp16: the fresh scaler then starts anew
+            scaler.load_state_dict(state["scaler"])
         if ema is not None and state.get("ema") is not None:
             ema.load_state_dict(state["ema"])
         start_epoch, best, global_step = state["epoch"] + 1, state["best_top1"], state["step"]
-        set_rng_state(state["rng"])
+        restore_rng(state["rng"], rt.rank, world, cfg.seed + 1000 * start_epoch)
         log.info("resumed from %s at epoch %d", path, start_epoch)
 
     train_model = model
@@ -389,9 +410,10 @@ def train(cfg: TrainConfig) -> dict:
             best = max(best, metrics.get("val.top1", best))
             logger.log((epoch,), metrics)
             final = metrics
+            rngs = dist.all_gather_object(rng_state())  # every rank's generators, so each resumes its own
             if rt.is_main:
                 state = checkpoint_state(model, optimizer, scheduler, scaler, ema, epoch, global_step, resolved,
-                                         data.classes, best)  # fmt: skip
+                                         data.classes, best, rngs)  # fmt: skip
                 ckpts.save(state, epoch, is_best)
             dist.barrier()
         if rt.is_main and final:

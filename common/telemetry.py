@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import resource
 import threading
 import time
@@ -24,6 +25,34 @@ def host_peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def nvml_handle(cuda_index: int):
+    """(pynvml, handle) of the GPU that torch calls ``cuda:<cuda_index>``.
+
+    NVML numbers GPUs in PCI order and ignores CUDA_VISIBLE_DEVICES, so with a subset of the GPUs (Slurm,
+    Kubernetes) the same index names another card; the UUID names the same one in both.
+    """
+    import pynvml
+    import torch
+
+    pynvml.nvmlInit()
+    try:
+        uuid = str(torch.cuda.get_device_properties(cuda_index).uuid)
+        return pynvml, pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}")
+    except Exception as e:  # noqa: BLE001 - no UUID from an old driver: map through CUDA_VISIBLE_DEVICES
+        visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+        index = int(visible[cuda_index]) if cuda_index < len(visible) and visible[cuda_index].isdigit() else cuda_index
+        log.debug("NVML lookup by UUID failed (%s); using NVML index %d", e, index)
+        return pynvml, pynvml.nvmlDeviceGetHandleByIndex(index)
+
+
+def _query(fn, *args, scale: float = 1.0) -> float | None:
+    """One NVML reading, or None where the device does not report it (MIG slices, some vGPUs)."""
+    try:
+        return fn(*args) / scale
+    except Exception:  # noqa: BLE001 - pynvml raises NVMLError_NotSupported and friends
+        return None
+
+
 class GpuSampler:
     """Samples utilisation, memory and power of one GPU in a background thread while a benchmark runs.
 
@@ -36,11 +65,7 @@ class GpuSampler:
         self._stop = threading.Event()
         self._thread = None
         try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            self._nvml = pynvml
-            self._handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            self._nvml, self._handle = nvml_handle(index)
         except Exception as e:  # noqa: BLE001 - no driver, no GPU, no library
             log.debug("pynvml unavailable: %s", e)
             self._nvml = None
@@ -48,9 +73,9 @@ class GpuSampler:
     def _run(self) -> None:
         nvml = self._nvml
         while not self._stop.is_set():
-            util = nvml.nvmlDeviceGetUtilizationRates(self._handle).gpu
-            mem = nvml.nvmlDeviceGetMemoryInfo(self._handle).used / 2**20
-            power = nvml.nvmlDeviceGetPowerUsage(self._handle) / 1000
+            util = _query(lambda h: nvml.nvmlDeviceGetUtilizationRates(h).gpu, self._handle)
+            mem = _query(lambda h: nvml.nvmlDeviceGetMemoryInfo(h).used, self._handle, scale=2**20)
+            power = _query(nvml.nvmlDeviceGetPowerUsage, self._handle, scale=1000)
             self.samples.append((util, mem, power))
             time.sleep(self.interval_s)
 
@@ -66,13 +91,16 @@ class GpuSampler:
             self._thread.join()
 
     def summary(self) -> dict | None:
+        """Means and maxima of what was sampled; a reading the device never gave is left out."""
         if not self.samples:
             return None
-        util, mem, power = zip(*self.samples, strict=True)
-        return {
-            "gpu_util_mean_pct": sum(util) / len(util),
-            "gpu_memory_used_max_mb": max(mem),
-            "gpu_power_mean_w": sum(power) / len(power),
-            "gpu_power_max_w": max(power),
-            "samples": len(self.samples),
-        }
+        util, mem, power = ([v for v in column if v is not None] for column in zip(*self.samples, strict=True))
+        out = {"samples": len(self.samples)}
+        if util:
+            out["gpu_util_mean_pct"] = sum(util) / len(util)
+        if mem:
+            out["gpu_memory_used_max_mb"] = max(mem)
+        if power:
+            out["gpu_power_mean_w"] = sum(power) / len(power)
+            out["gpu_power_max_w"] = max(power)
+        return out

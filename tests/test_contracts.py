@@ -142,3 +142,76 @@ def test_atomic_save_and_rotation(tmp_path):
         atomic_save({"bad": lambda: 0}, tmp_path / "best.pt")
     assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 1
     assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_batch_metrics_stay_on_the_logits_device():
+    """Evaluation sums its metrics on the device of the model's output: a tensor made on the CPU beside CUDA
+    ones cannot be stacked. The meta device stands in for CUDA on a machine without one."""
+    from common.engine import batch_metrics
+
+    logits, labels = torch.randn(6, 10, device="meta"), torch.zeros(6, dtype=torch.long, device="meta")
+    sums, top1 = batch_metrics(logits, labels, k=5)
+    assert sums.device.type == "meta" and top1.device.type == "meta" and sums.shape == (4,)
+
+    logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1], [0.2, 0.3, 0.5]])
+    sums, top1 = batch_metrics(logits, torch.tensor([1, 2, 2]), k=2)
+    assert sums[1:].tolist() == [2.0, 2.0, 3.0] and top1.tolist() == [1, 0, 2]
+
+
+def test_an_epoch_run_to_its_end_keeps_the_dali_pipeline(image_tree):
+    """train_one_epoch lets the loader finish (DALI's StopIteration) unless the epoch is cut, so the pipeline
+    built in epoch 0 serves every later epoch; each new pipeline costs start-up time and host memory."""
+    from common.engine import StepRunner, train_one_epoch
+    from common.logger import RunLogger
+
+    images = scan_split(image_tree / "train")
+    spec = PipelineSpec(image_size=32, resize_size=36, batch_size=32, workers=1)
+    loader = build_loader("dali-cpu", images, spec, train=True, device=CPU)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, len(images.classes)))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    step = StepRunner(model, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False),
+                      torch.nn.CrossEntropyLoss(), 1, None, False, "float16", 0.0)  # fmt: skip
+    logger = RunLogger(None, enabled=False)
+    pipelines = []
+    for epoch in range(3):
+        train_one_epoch(step, loader, epoch, logger, print_freq=100, max_steps=None, world=1)
+        pipelines.append(loader.iterator)
+    assert pipelines[0] is not None and all(p is pipelines[0] for p in pipelines)
+    assert step.micro_step == 3 * len(loader)
+
+    train_one_epoch(step, loader, 3, logger, print_freq=100, max_steps=2, world=1)
+    assert step.micro_step == 3 * len(loader) + 2 and loader.iterator is None  # a cut epoch drops its queue
+
+
+def test_each_rank_resumes_its_own_random_streams():
+    from common.checkpoint import restore_rng, rng_state
+
+    saved = []
+    for rank in range(2):
+        torch.manual_seed(100 + rank)
+        np.random.seed(100 + rank)
+        saved.append(rng_state())
+    expected = []
+    for rank in range(2):
+        restore_rng(saved, rank, world=2, fallback_seed=0)
+        expected.append((torch.rand(3), np.random.rand()))
+    assert not torch.equal(expected[0][0], expected[1][0]) and expected[0][1] != expected[1][1]
+    for rank in (1, 0):
+        restore_rng(saved, rank, world=2, fallback_seed=0)
+        assert torch.equal(torch.rand(3), expected[rank][0]) and np.random.rand() == expected[rank][1]
+
+    # Another world size cannot continue the streams: ranks are reseeded, still differently.
+    draws = []
+    for rank in range(4):
+        restore_rng(saved, rank, world=4, fallback_seed=7)
+        draws.append(torch.rand(3))
+    assert all(not torch.equal(draws[a], draws[b]) for a in range(4) for b in range(a))
+
+
+def test_amp_follows_the_device_unless_given():
+    from common.engine import resolve_amp
+
+    cuda = torch.device("cuda", 0)  # a device object needs no GPU
+    assert (resolve_amp(None, cuda), resolve_amp(None, CPU)) == (True, False)
+    assert (resolve_amp(False, cuda), resolve_amp(True, CPU)) == (False, True)

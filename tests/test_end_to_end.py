@@ -224,3 +224,17 @@ def test_width_mult_reaches_info_and_the_checkpoint(image_tree, tmp_path):
     wrong = run_cli("evaluate", "--checkpoint", str(tmp_path / "best.pt"), "--data", str(image_tree),
                     "--width-mult", "0.5", check=False)  # fmt: skip
     assert wrong.returncode == 2 and "differs from the checkpoint's (0.25)" in wrong.stderr
+
+
+def test_compile_changes_speed_not_results(image_tree, tmp_path):
+    """--compile (torch.compile, inductor) trains the same model as eager mode, up to float noise."""
+    args = ["train", "--data", str(image_tree), "--data-backend", "pytorch", "--epochs", "1", "--deterministic",
+            "--max-steps-per-epoch", "3", *FAST_TRAIN, "--lr", "0.05"]  # fmt: skip
+    runs = {}
+    for name, flag in (("eager", "--no-compile"), ("compiled", "--compile")):
+        run_cli(*args, flag, "--output", str(tmp_path / name))
+        records = read_log(tmp_path / name / "log.json")
+        runs[name] = [r["data"] for r in records if len(r["step"]) == 1][-1]
+    for key in ("train.loss", "val.loss"):
+        assert runs["compiled"][key] == pytest.approx(runs["eager"][key], rel=2e-3), key
+    assert runs["compiled"]["val.top1"] == pytest.approx(runs["eager"]["val.top1"], abs=100 / 64 + 1e-6)

@@ -103,3 +103,27 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(image_tr
     # Running BN statistics differ by design (each rank tracks its own micro-batches); parameters must not.
     params = {k: v for k, v in one["model"].items() if "running_" not in k and "num_batches" not in k}
     assert_same_parameters(params, {k: two["model"][k] for k in params}, tol=1e-4)
+
+
+def test_two_process_resume_gives_each_rank_its_own_random_streams(image_tree, tmp_path):
+    """Mixup draws its mixing weight from each rank's NumPy generator: a resume that handed every rank the
+    generators of rank 0 would mix rank 1's images differently from the uninterrupted run."""
+    common = ["train", "--data", str(image_tree), "--data-backend", "pytorch", "--epochs", "2", "--deterministic",
+              "--mixup", "0.4", "--max-steps-per-epoch", "4", *FAST_TRAIN, "--workers", "0"]  # fmt: skip
+    launch = ["bash", str(ROOT / "common" / "launch.sh"), "2"]
+    env = {**os.environ, "PYTHON": sys.executable}
+    out = tmp_path / "run"
+    proc = subprocess.run([*launch, *common, "--output", str(out)], capture_output=True, text=True, cwd=ROOT,
+                          timeout=600, env=env)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    whole = load_checkpoint(out / "checkpoint_epoch_0001.pt")
+    assert len(whole["rng"]) == 2
+
+    # As if killed after the first epoch's checkpoint: drop what the second epoch wrote, then resume.
+    (out / "checkpoint_epoch_0001.pt").unlink()
+    proc = subprocess.run([*launch, *common, "--output", str(out), "--resume", "auto"], capture_output=True,
+                          text=True, cwd=ROOT, timeout=600, env=env)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "resumed from" in proc.stdout + proc.stderr
+    again = load_checkpoint(out / "checkpoint_epoch_0001.pt")
+    assert_same_parameters(whole["model"], again["model"], tol=1e-6)
