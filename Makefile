@@ -23,7 +23,7 @@ data/fashion-mnist: | setup
 data: data/fashion-mnist
 
 quickstart: setup data/fashion-mnist
-	bash resnet50/train_1gpu.sh --profile quickstart
+	bash resnet50/train_1gpu.sh --profile quickstart --resume auto
 	$(PY) -m common evaluate --checkpoint runs/quickstart/best.pt --data data/fashion-mnist --output runs/quickstart/eval
 
 test: setup

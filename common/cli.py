@@ -157,10 +157,16 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     from common.logger import setup_stdout_logging
 
-    # torchrun sets RANK; only rank 0 talks (the others report warnings and errors).
-    setup_stdout_logging(is_main=os.environ.get("RANK", "0") == "0")
+    # torchrun sets RANK; only rank 0 talks (the others report warnings and errors). Where stdout carries
+    # results (predict, --json), the log goes to stderr so that `> out.json` stays valid.
+    data_on_stdout = args.func is cmd_predict or getattr(args, "json", None) is True
+    setup_stdout_logging(is_main=os.environ.get("RANK", "0") == "0", stream=sys.stderr if data_on_stdout else None)
     try:
         code = args.func(args)
+    except BrokenPipeError:
+        # The reader closed the pipe (`| head`): stop quietly; later writes to stdout would fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -134,7 +134,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
         flag = "--" + name.replace("_", "-")
         meta = f.metadata
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        helptext = f"{meta.get('help', '')} (default: {default})"
+        helptext = meta.get("help", "")
+        if "(default:" not in helptext:
+            helptext += f" (default: {default})"
         if tp is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=helptext)
         else:

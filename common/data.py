@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -48,15 +49,41 @@ class ImageList:
         return ImageList(self.root, [self.files[i] for i in keep], [self.labels[i] for i in keep], self.classes)
 
 
+def image_files(folder: str | Path) -> tuple[list[str], dict[str, int]]:
+    """Image files below ``folder``, sorted, and ``{extension: count}`` of the other files left out.
+
+    Follows symlinked folders as torchvision's ImageFolder does (``Path.rglob`` does not before Python 3.13),
+    visiting each real folder once. Hidden files and folders (``.thumbnails``, macOS ``._x.jpg``) are skipped.
+    """
+    files, ignored, seen = [], {}, set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a link back up the tree, or two links to one folder
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            if name.startswith("."):
+                continue
+            ext = os.path.splitext(name)[1].lower()
+            if ext in IMG_EXTENSIONS:
+                files.append(os.path.join(dirpath, name))
+            else:
+                ignored[ext or "(none)"] = ignored.get(ext or "(none)", 0) + 1
+    return sorted(files), ignored
+
+
 def scan_split(split_dir: str | Path, classes: list[str] | None = None) -> ImageList:
     """List an ImageFolder split: ``split_dir/<class>/**/<image>``, classes sorted by folder name.
 
     Args:
         split_dir: the split folder (``DATA/train``).
-        classes: the class list to label against (the training classes, for val); default: this split's folders.
+        classes: the class list to label against (the training classes, for val); default: this split's
+            folders, each of which must then hold an image.
     Raises:
-        UserError: the folder is missing, has no class folders, a training class folder holds no image, or
-            the split has a class the training set does not.
+        UserError: the folder is missing, has no class folders, a class folder of its own holds no image, or
+            the split has a class that ``classes`` does not.
     """
     split_dir = Path(split_dir)
     if not split_dir.is_dir():
@@ -66,23 +93,31 @@ def scan_split(split_dir: str | Path, classes: list[str] | None = None) -> Image
     found = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not found:
         raise UserError(f"data folder {split_dir} has no class folders (expected {split_dir}/<class>/*)")
-    if classes is None:
-        classes = found
+    own_classes = classes is None
+    classes = found if own_classes else classes
     unknown = sorted(set(found) - set(classes))
     if unknown:
-        raise UserError(f"{split_dir} has class folders the model was not trained on: {', '.join(unknown[:10])}")
-    index = {c: i for i, c in enumerate(classes)}
-    files, labels, empty = [], [], []
-    for name in found:
-        images = sorted(
-            str(p) for p in (split_dir / name).rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file()
+        raise UserError(
+            f"{split_dir} has class folders that are not among the training classes: {', '.join(unknown[:10])}"
         )
+    index = {c: i for i, c in enumerate(classes)}
+    files, labels, empty, ignored = [], [], [], {}
+    for name in found:
+        images, other = image_files(split_dir / name)
         if not images:
             empty.append(str(split_dir / name))
         files += images
         labels += [index[name]] * len(images)
-    if empty:
+        for ext, n in other.items():
+            ignored[ext] = ignored.get(ext, 0) + n
+    if empty and own_classes:
         raise UserError(f"class folders with no images ({', '.join(IMG_EXTENSIONS)}): {', '.join(empty)}")
+    if empty:
+        log.info("%s: no images in %s; those classes are not evaluated", split_dir, ", ".join(empty))
+    if ignored:
+        what = ", ".join(f"{n} {ext}" for ext, n in sorted(ignored.items(), key=lambda kv: -kv[1]))
+        log.info("%s: left out %d files that are not images of a supported type (%s)", split_dir,
+                 sum(ignored.values()), what)  # fmt: skip
     return ImageList(split_dir, files, labels, list(classes))
 
 
@@ -105,19 +140,30 @@ def check_image(path: str, full: bool = True) -> str | None:
                 im.load()
     except UnidentifiedImageError:
         return "not an image"
-    except (OSError, SyntaxError, ValueError) as e:
-        return f"cannot decode ({e})"
+    except Image.DecompressionBombError as e:
+        return f"too large to decode safely ({e})"
+    except Exception as e:  # noqa: BLE001 - PIL's plugins raise OSError, SyntaxError, ValueError, struct.error...
+        return f"cannot decode ({type(e).__name__}: {e})"
     return None
 
 
-def find_bad_images(files: list[str], full: bool = True, workers: int = 1) -> dict[str, str]:
-    """Check every file; returns ``{path: reason}`` for those that cannot be decoded."""
+def find_bad_images(files: list[str], full: bool = True, workers: int = 1, dali: bool = False) -> dict[str, str]:
+    """Check every file; returns ``{path: reason}`` for those that cannot be decoded.
+
+    PIL reads every header (and, with ``full`` and not ``dali``, decodes every image). With ``dali`` the full
+    decode is DALI's own CPU decoder, the one the DALI backends train with: a few files PIL reads DALI
+    rejects (16-bit BMP, 32-bit integer TIFF), and the check must reject them too.
+    """
+    pil_full = full and not dali
     if workers > 1 and len(files) > 2000:
         with ProcessPoolExecutor(workers) as pool:
-            reasons = list(pool.map(check_image, files, [full] * len(files), chunksize=512))
+            reasons = list(pool.map(check_image, files, [pil_full] * len(files), chunksize=512))
     else:
-        reasons = [check_image(f, full) for f in files]
-    return {f: r for f, r in zip(files, reasons, strict=True) if r is not None}
+        reasons = [check_image(f, pil_full) for f in files]
+    bad = {f: r for f, r in zip(files, reasons, strict=True) if r is not None}
+    if full and dali:
+        bad |= dali_undecodable([f for f in files if f not in bad], workers)
+    return dict(sorted(bad.items()))
 
 
 def format_bad(bad: dict[str, str], limit: int = 20) -> str:
@@ -127,22 +173,27 @@ def format_bad(bad: dict[str, str], limit: int = 20) -> str:
     return "\n".join(lines)
 
 
-def drop_bad_images(images: ImageList, mode: str, skip_bad: bool, workers: int) -> ImageList:
-    """Stop with the list of undecodable files, or leave them out with one warning when ``skip_bad``."""
+def drop_bad_images(splits: list[ImageList], mode: str, skip_bad: bool, workers: int, dali: bool = False):
+    """Stop with the list of undecodable files of every split at once, or leave them out with one warning
+    when ``skip_bad``; returns the splits without them."""
     if mode == "none":
-        return images
-    bad = find_bad_images(images.files, full=mode == "full", workers=workers)
+        return splits
+    bad = {}
+    for images in splits:
+        bad |= find_bad_images(images.files, full=mode == "full", workers=workers, dali=dali)
     if not bad:
-        return images
+        return splits
+    roots = " and ".join(str(images.root) for images in splits)
     if not skip_bad:
         raise UserError(
-            f"{len(bad)} file(s) in {images.root} cannot be decoded:\n{format_bad(bad)}\n"
+            f"{len(bad)} file(s) in {roots} cannot be decoded:\n{format_bad(bad)}\n"
             "Remove them, or pass --skip-bad-images to leave them out."
         )
     log.warning("leaving out %d file(s) that cannot be decoded:\n%s", len(bad), format_bad(bad))
-    kept = images.without(set(bad))
-    if not kept.files:
-        raise UserError(f"no decodable image left in {images.root}")
+    kept = [images.without(set(bad)) for images in splits]
+    for images in kept:
+        if not images.files:
+            raise UserError(f"no decodable image left in {images.root}")
     return kept
 
 
@@ -236,12 +287,23 @@ def eval_transform(spec: PipelineSpec):
 
 
 def load_rgb(path: str) -> torch.Tensor:
-    """Decode any PIL-readable image (grayscale, palette, RGBA, CMYK, ...) to uint8 RGB CHW."""
-    from PIL import Image
+    """Decode any PIL-readable image (grayscale, palette, RGBA, CMYK, 16-bit, ...) to uint8 RGB CHW, as DALI's
+    decoders do: the EXIF orientation applied, 16-bit values scaled by 255/65535, float images by 255."""
+    from PIL import Image, ImageOps
     from torchvision.transforms.v2 import functional as F
 
     with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("F", "I") or im.mode.startswith("I;16"):
+            # PIL's convert("RGB") clips these to 0..255: 16-bit images would turn white, float ones black.
+            scale = 255.0 if im.mode == "F" else 255.0 / 65535.0
+            grey = np.clip(np.asarray(im, dtype=np.float64) * scale, 0, 255).round().astype(np.uint8)
+            im = Image.fromarray(grey)
         return F.pil_to_tensor(im.convert("RGB"))
+
+
+class BadImageError(UserError):
+    """A file the loader cannot decode, named by path (raised in DataLoader workers, re-raised here)."""
 
 
 class _ImageDataset(torch.utils.data.Dataset):
@@ -255,7 +317,10 @@ class _ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, item: tuple[int, int]):
         index, epoch = item
-        image = load_rgb(self.files[index])
+        try:
+            image = load_rgb(self.files[index])
+        except Exception as e:  # noqa: BLE001 - any decoder failure: name the file instead of a worker traceback
+            raise BadImageError(f"cannot decode {self.files[index]} ({type(e).__name__}: {e})") from None
         # Seed the transform per image so that its crop and flip do not depend on which worker or rank
         # happens to load it (see sample_seed).
         with torch.random.fork_rng(devices=[]):
@@ -322,14 +387,23 @@ class PytorchLoader(Loader):
         images, labels = batch
         return self.normalize(images.to(self.device, non_blocking=True)), labels.to(self.device, non_blocking=True)
 
+    def _batches(self):
+        """The DataLoader's batches; a worker's BadImageError arrives wrapped in its traceback: unwrap it."""
+        try:
+            yield from self.loader
+        except BadImageError as e:
+            lines = [line[line.index("cannot decode ") :] for line in str(e).splitlines() if "cannot decode " in line]
+            message = lines[-1] if lines else str(e)
+            raise BadImageError(f"{message}\nRun `convnets prepare --check DATA` to list every bad file.") from None
+
     def __iter__(self):
         if self.device.type != "cuda":
-            for batch in self.loader:
+            for batch in self._batches():
                 yield self._to_device(batch)
             return
         stream = torch.cuda.Stream()
         pending = None
-        for batch in self.loader:
+        for batch in self._batches():
             with torch.cuda.stream(stream):
                 ready = self._to_device(batch)
             if pending is not None:
@@ -350,6 +424,65 @@ def _dali():
             "the DALI backends need nvidia-dali (pip install nvidia-dali-cuda130); or use --data-backend pytorch"
         ) from None
     return dali
+
+
+def dali_reason(error: Exception) -> str:
+    """The line of a DALI pipeline error that says what went wrong (the rest is DALI's own traceback)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if "encountered:" in lines:
+        after = lines[lines.index("encountered:") + 1 :]
+        lines = [line for line in after if "no longer valid" not in line] or lines
+    return lines[0][:300] if lines else type(error).__name__
+
+
+class _DecodeProbe:
+    """Decodes batches of files with DALI's CPU decoder and says whether it failed; a DALI pipeline is dead
+    after an error, so a new one is built after each failure."""
+
+    def __init__(self, batch_size: int, workers: int):
+        self.batch_size, self.workers, self.pipe = batch_size, max(1, workers), None
+
+    def _build(self):
+        dali = _dali()
+
+        @dali.pipeline_def(batch_size=self.batch_size, num_threads=self.workers, device_id=None,
+                           prefetch_queue_depth=1, exec_async=False, exec_pipelined=False)  # fmt: skip
+        def probe():
+            encoded = dali.fn.external_source(name="encoded")
+            return dali.fn.decoders.image(encoded, device="cpu", output_type=dali.types.RGB)
+
+        self.pipe = probe()
+        self.pipe.build()
+
+    def error(self, files: list[str]) -> str | None:
+        try:
+            data = [np.fromfile(f, dtype=np.uint8) for f in files]
+        except OSError as e:
+            return f"cannot read ({e})"
+        if self.pipe is None:
+            self._build()
+        try:
+            self.pipe.feed_input("encoded", data)
+            self.pipe.run()
+            return None
+        except RuntimeError as e:
+            self.pipe = None
+            return dali_reason(e)
+
+
+def dali_undecodable(files: list[str], workers: int = 1, batch_size: int = 64) -> dict[str, str]:
+    """``{path: reason}`` for the files DALI's CPU decoder rejects: batches first, then file by file in a
+    batch that failed, so a clean set costs one decode of each file."""
+    probe, bad = _DecodeProbe(batch_size, workers), {}
+    for start in range(0, len(files), batch_size):
+        chunk = files[start : start + batch_size]
+        if probe.error(chunk) is None:
+            continue
+        for f in chunk:
+            why = probe.error([f])
+            if why is not None:
+                bad[f] = f"DALI cannot decode it: {why}"
+    return bad
 
 
 def counter_uniforms(seed: int, epoch: int, indices: np.ndarray, k: int) -> np.ndarray:
@@ -418,7 +551,12 @@ class _DaliSource:
         self.images, self.spec, self.train, self.indices_for_epoch = images, spec, train, indices_for_epoch
         self.pool = ThreadPoolExecutor(max(1, spec.workers))
         self.sizes: dict[int, tuple[int, int]] = {}
+        # The batches handed to DALI but maybe not yet decoded: where to look when a decode fails.
+        self.recent: deque[np.ndarray] = deque(maxlen=4)
         self.set_epoch(0)
+
+    def recent_files(self) -> list[str]:
+        return [self.images.files[i] for batch in self.recent for i in batch]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self.order, self.position = epoch, self.indices_for_epoch(epoch), 0
@@ -432,6 +570,7 @@ class _DaliSource:
             raise StopIteration
         batch = self.order[self.position : self.position + self.spec.batch_size]
         self.position += len(batch)
+        self.recent.append(batch)
         data = list(self.pool.map(self._read, batch))
         labels = [np.array([self.images.labels[i]], dtype=np.int32) for i in batch]
         if not self.train:
@@ -528,7 +667,7 @@ class DaliLoader(Loader):
         memory_format = torch.channels_last if self.spec.channels_last else torch.contiguous_format
         finished = False
         try:
-            for batch in _dali_batches(self.iterator):
+            for batch in _dali_batches(self.iterator, self.source.recent_files, self.spec.workers):
                 images, labels = batch[0]["images"], batch[0]["labels"]
                 if self.spec.channels_last:
                     images = images.permute(0, 3, 1, 2)
@@ -542,16 +681,22 @@ class DaliLoader(Loader):
                 self.iterator = None
 
 
-def _dali_batches(iterator):
-    """Iterate a DALI iterator, turning its deep internal errors into one line naming the file."""
+def _dali_batches(iterator, suspects, workers: int):
+    """Iterate a DALI iterator; a decode failure deep inside DALI becomes one error naming the files (found
+    by decoding the batches last handed to DALI, ``suspects()``, one by one)."""
     try:
         yield from iterator
     except RuntimeError as e:
-        lines = [line for line in str(e).splitlines() if "/" in line or "rror" in line]
+        bad = dali_undecodable(suspects(), workers)
+        if bad:
+            raise UserError(
+                f"DALI cannot decode {len(bad)} file(s):\n{format_bad(bad)}\n"
+                "Leave them out (--skip-bad-images with the default --image-check full finds them at start-up), "
+                "convert them, or use --data-backend pytorch."
+            ) from None
         raise UserError(
-            "DALI could not read the data: "
-            + (lines[0].strip()[:300] if lines else str(e)[:300])
-            + "\nRun `convnets prepare --check DATA` to list undecodable files."
+            f"DALI could not read the data: {dali_reason(e)}\n"
+            "Run `convnets prepare --check DATA` to list undecodable files."
         ) from None
 
 

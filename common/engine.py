@@ -268,8 +268,8 @@ def build_data(cfg: TrainConfig, backend: str, spec: PipelineSpec, device, rank:
     train_images = scan_split(root / "train")
     val_images = scan_split(root / "val", classes=train_images.classes)
     if backend != "synthetic":
-        train_images = drop_bad_images(train_images, cfg.image_check, cfg.skip_bad_images, cfg.workers)
-        val_images = drop_bad_images(val_images, cfg.image_check, cfg.skip_bad_images, cfg.workers)
+        train_images, val_images = drop_bad_images([train_images, val_images], cfg.image_check, cfg.skip_bad_images,
+                                                   cfg.workers, dali=backend.startswith("dali"))  # fmt: skip
     if len(train_images) < spec.batch_size * world:
         raise UserError(
             f"{root / 'train'} has {len(train_images)} images, fewer than one global batch "
@@ -354,6 +354,12 @@ def train(cfg: TrainConfig) -> dict:
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
 
     ckpts = CheckpointManager(output, cfg.keep_last)
+    if not cfg.resume and (ckpts.epoch_files() or (output / "best.pt").exists()):
+        # A fresh run here would replace best.pt and rotate the earlier run's checkpoints away.
+        raise UserError(
+            f"{output} holds the checkpoints of an earlier run: pass --resume auto to continue it, or another "
+            "--output to start afresh"
+        )
     start_epoch, best, global_step = 0, 0.0, 0
     resumed = _load_resume(cfg, ckpts, data.classes)
     if resumed is not None:
@@ -368,6 +374,8 @@ def train(cfg: TrainConfig) -> dict:
         start_epoch, best, global_step = state["epoch"] + 1, state["best_top1"], state["step"]
         restore_rng(state["rng"], rt.rank, world, cfg.seed + 1000 * start_epoch)
         log.info("resumed from %s at epoch %d", path, start_epoch)
+        if start_epoch >= cfg.epochs:
+            log.info("the run already has its %d epochs; raise --epochs to train further", cfg.epochs)
 
     train_model = model
     if world > 1:

@@ -15,13 +15,13 @@ import torch
 from common.builders import build_model
 from common.checkpoint import atomic_write_text, load_checkpoint
 from common.data import (
-    IMG_EXTENSIONS,
     Normalizer,
     PipelineSpec,
     build_loader,
     default_backend,
     drop_bad_images,
     eval_transform,
+    image_files,
     load_rgb,
     scan_split,
 )
@@ -108,8 +108,9 @@ def run_evaluate(args) -> dict:
     root = Path(args.data)
     split = root / "val" if (root / "val").is_dir() else root
     images = scan_split(split, classes=trained.classes)
-    images = drop_bad_images(images, args.image_check, args.skip_bad_images, args.workers)
     backend = args.data_backend or default_backend(device)
+    (images,) = drop_bad_images([images], args.image_check, args.skip_bad_images, args.workers,
+                                dali=backend.startswith("dali"))  # fmt: skip
     loader = build_loader(backend, images, trained.pipeline, train=False, device=device)
     result = evaluate(trained.model, loader, len(trained.classes))
     confusion = result.confusion[: len(trained.classes), : len(trained.classes)]
@@ -149,7 +150,7 @@ def expand_paths(patterns: list[str]) -> list[tuple[str, str | None]]:
     for pattern in patterns:
         p = Path(pattern)
         if p.is_dir():
-            found = sorted(str(f) for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMG_EXTENSIONS)
+            found = image_files(p)[0]
             out += [(f, None) for f in found] or [(pattern, "folder holds no image file")]
         elif p.is_file():
             out.append((pattern, None))

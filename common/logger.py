@@ -17,14 +17,18 @@ from pathlib import Path
 log = logging.getLogger("convnets")
 
 
-def setup_stdout_logging(is_main: bool) -> None:
-    """Human-readable logging on stdout; non-zero ranks only report warnings and errors."""
+def setup_stdout_logging(is_main: bool, stream=None) -> None:
+    """Human-readable logging on stdout (``stream`` when stdout carries data); non-zero ranks only report
+    warnings and errors."""
     logging.basicConfig(
         level=logging.INFO if is_main else logging.WARNING,
         format="%(message)s" if is_main else "[rank %(rank)s] %(levelname)s %(message)s",
-        stream=sys.stdout,
+        stream=stream or sys.stdout,
         force=True,
     )
+    # A reader that stops early (`| head`) closes the pipe: main() ends quietly, logging must not print
+    # a traceback for each line it can no longer write.
+    logging.raiseExceptions = False
     if not is_main:
         rank = os.environ.get("RANK", "?")
         old = logging.getLogRecordFactory()

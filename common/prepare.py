@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.data import IMG_EXTENSIONS, find_bad_images, format_bad
+from common.data import dali_undecodable, find_bad_images, format_bad, image_files
 from common.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -125,8 +125,13 @@ def check_tree(root: Path, workers: int) -> dict[str, str]:
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"{root} is not a folder")
-    files = sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+    files = image_files(root)[0]
     bad = find_bad_images(files, full=True, workers=workers)
+    # Also what DALI's decoder rejects: the DALI backends train with it, and it refuses a few files PIL reads.
+    try:
+        bad = dict(sorted((bad | dali_undecodable([f for f in files if f not in bad], workers)).items()))
+    except UserError as e:
+        log.info("checked with PIL only: %s", e)
     log.info("checked %d image files below %s: %d cannot be decoded", len(files), root, len(bad))
     if bad:
         print(format_bad(bad, limit=len(bad)))
