@@ -74,6 +74,14 @@ def image_files(folder: str | Path) -> tuple[list[str], dict[str, int]]:
     return sorted(files), ignored
 
 
+def log_ignored(folder: str | Path, ignored: dict[str, int]) -> None:
+    """One line for the files :func:`image_files` left out, by extension, most frequent first."""
+    if ignored:
+        what = ", ".join(f"{n} {ext}" for ext, n in sorted(ignored.items(), key=lambda kv: -kv[1]))
+        log.info("%s: left out %d file(s) that are not images of a supported type (%s)", folder,
+                 sum(ignored.values()), what)  # fmt: skip
+
+
 def scan_split(split_dir: str | Path, classes: list[str] | None = None) -> ImageList:
     """List an ImageFolder split: ``split_dir/<class>/**/<image>``, classes sorted by folder name.
 
@@ -114,10 +122,7 @@ def scan_split(split_dir: str | Path, classes: list[str] | None = None) -> Image
         raise UserError(f"class folders with no images ({', '.join(IMG_EXTENSIONS)}): {', '.join(empty)}")
     if empty:
         log.info("%s: no images in %s; those classes are not evaluated", split_dir, ", ".join(empty))
-    if ignored:
-        what = ", ".join(f"{n} {ext}" for ext, n in sorted(ignored.items(), key=lambda kv: -kv[1]))
-        log.info("%s: left out %d files that are not images of a supported type (%s)", split_dir,
-                 sum(ignored.values()), what)  # fmt: skip
+    log_ignored(split_dir, ignored)
     return ImageList(split_dir, files, labels, list(classes))
 
 

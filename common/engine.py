@@ -134,7 +134,15 @@ def train_one_epoch(step: StepRunner, loader, epoch: int, logger: RunLogger, pri
     i, shown = 0, ""
     for i, (images, labels) in enumerate(loader, 1):
         data_time += time.perf_counter() - end
-        loss, _ = step(images, labels)
+        try:
+            loss, _ = step(images, labels)
+        except ValueError as e:
+            if "Expected more than 1 value per channel" not in str(e):
+                raise
+            raise UserError(
+                f"a training batch of {labels.shape[0]} image(s) leaves BatchNorm a single value per channel "
+                "(the model's last feature map is 1x1): use --batch-size 2 or more"
+            ) from None
         loss_sum = loss_sum.to(loss.device) + loss.double()
         seen += labels.shape[0]
         window_images += labels.shape[0]
@@ -438,6 +446,12 @@ def _load_resume(cfg: TrainConfig, ckpts: CheckpointManager, classes: list[str])
         return None
     if cfg.resume == "auto":
         found = ckpts.load_latest()
+        if found is None and (ckpts.folder / "best.pt").exists():
+            # Starting from scratch here would replace that run's best.pt.
+            raise UserError(
+                f"--resume auto: {ckpts.folder} holds an earlier run's best.pt but no epoch checkpoint that loads; "
+                "pass another --output to start afresh"
+            )
         if found is None:
             log.info("--resume auto: no checkpoint in %s, starting from scratch", ckpts.folder)
             return None

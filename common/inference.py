@@ -23,6 +23,7 @@ from common.data import (
     eval_transform,
     image_files,
     load_rgb,
+    log_ignored,
     scan_split,
 )
 from common.engine import evaluate
@@ -150,7 +151,8 @@ def expand_paths(patterns: list[str]) -> list[tuple[str, str | None]]:
     for pattern in patterns:
         p = Path(pattern)
         if p.is_dir():
-            found = image_files(p)[0]
+            found, ignored = image_files(p)
+            log_ignored(p, ignored)
             out += [(f, None) for f in found] or [(pattern, "folder holds no image file")]
         elif p.is_file():
             out.append((pattern, None))

@@ -110,6 +110,7 @@ def test_info_list_covers_registry():
         (["--arch", "resnet5"], "unknown --arch 'resnet5'. Did you mean: resnet50"),
         (["--arch", "resnet50", "--width-mult", "0.5"], "resnet50 has no width multiplier"),
         (["--batch-size", "0"], None),
+        (["--batch-size", "1", "--max-steps-per-epoch", "1"], "use --batch-size 2 or more"),
     ],
 )
 def test_bad_arguments_get_clear_messages(image_tree, tmp_path, args, message):

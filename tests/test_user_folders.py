@@ -106,7 +106,7 @@ def test_scan_follows_links_skips_hidden_files_and_tolerates_empty_val_classes(t
     red = [Path(f) for f, y in zip(train.files, train.labels, strict=True) if train.classes[y] == "red"]
     assert sorted(p.relative_to(root / "train" / "red").as_posix() for p in red) == [
         "000.png", "001.png", "phone/000.png", "phone/001.png"]  # fmt: skip
-    assert "left out 1 files that are not images" in caplog.text
+    assert "left out 1 file(s) that are not images" in caplog.text
 
     for f in (root / "val" / "green").iterdir():
         f.unlink()
@@ -124,6 +124,11 @@ def test_a_fresh_run_does_not_overwrite_an_earlier_one(fresh_tree, tmp_path):
     assert "--resume auto" in proc.stderr and (tmp_path / "best.pt").read_bytes() == before
     proc = run_cli(*args, "--resume", "auto")  # a finished run: nothing to train, nothing lost
     assert "already has its 1 epochs" in proc.stdout and (tmp_path / "best.pt").read_bytes() == before
+    # best.pt alone (its epoch checkpoints moved away): --resume auto cannot continue it and must not replace it.
+    (tmp_path / "checkpoint_epoch_0000.pt").unlink()
+    proc = run_cli(*args, "--resume", "auto", check=False)
+    assert proc.returncode == 2 and "holds an earlier run's best.pt" in proc.stderr
+    assert (tmp_path / "best.pt").read_bytes() == before
 
 
 def test_machine_readable_stdout_stays_clean(fresh_tree, tmp_path):
