@@ -178,14 +178,20 @@ def format_bad(bad: dict[str, str], limit: int = 20) -> str:
     return "\n".join(lines)
 
 
-def drop_bad_images(splits: list[ImageList], mode: str, skip_bad: bool, workers: int, dali: bool = False):
+def drop_bad_images(splits: list[ImageList], mode: str, skip_bad: bool, workers: int, dali: bool = False,
+                    rank: int = 0, world: int = 1, gather=lambda found: [found]):  # fmt: skip
     """Stop with the list of undecodable files of every split at once, or leave them out with one warning
-    when ``skip_bad``; returns the splits without them."""
+    when ``skip_bad``; returns the splits without them.
+
+    In a distributed run each rank checks every ``world``-th file and ``gather`` (an all-gather of objects)
+    shares what they found, so that start-up does not grow with the number of GPUs.
+    """
     if mode == "none":
         return splits
-    bad = {}
+    found = {}
     for images in splits:
-        bad |= find_bad_images(images.files, full=mode == "full", workers=workers, dali=dali)
+        found |= find_bad_images(images.files[rank::world], full=mode == "full", workers=workers, dali=dali)
+    bad = dict(sorted(item for part in gather(found) for item in part.items()))
     if not bad:
         return splits
     roots = " and ".join(str(images.root) for images in splits)

@@ -276,8 +276,10 @@ def build_data(cfg: TrainConfig, backend: str, spec: PipelineSpec, device, rank:
     train_images = scan_split(root / "train")
     val_images = scan_split(root / "val", classes=train_images.classes)
     if backend != "synthetic":
-        train_images, val_images = drop_bad_images([train_images, val_images], cfg.image_check, cfg.skip_bad_images,
-                                                   cfg.workers, dali=backend.startswith("dali"))  # fmt: skip
+        train_images, val_images = drop_bad_images(
+            [train_images, val_images], cfg.image_check, cfg.skip_bad_images, cfg.workers,
+            dali=backend.startswith("dali"), rank=rank, world=world, gather=dist.all_gather_object,
+        )  # fmt: skip
     if len(train_images) < spec.batch_size * world:
         raise UserError(
             f"{root / 'train'} has {len(train_images)} images, fewer than one global batch "

@@ -127,3 +127,21 @@ def test_two_process_resume_gives_each_rank_its_own_random_streams(image_tree, t
     assert "resumed from" in proc.stdout + proc.stderr
     again = load_checkpoint(out / "checkpoint_epoch_0001.pt")
     assert_same_parameters(whole["model"], again["model"], tol=1e-6)
+
+
+def test_two_processes_share_the_image_check(fresh_tree, tmp_path):
+    """Each rank checks half of the files; the bad ones either rank found are left out on both, so their
+    shards still split the same list."""
+    bad = [fresh_tree / "train" / "red" / "zero.png", fresh_tree / "train" / "blue" / "zero.png"]
+    for path in bad:
+        path.write_bytes(b"")
+    launch = ["bash", str(ROOT / "common" / "launch.sh"), "2", "train", "--data", str(fresh_tree),
+              "--data-backend", "pytorch", "--epochs", "1", *FAST_TRAIN, "--workers", "0"]  # fmt: skip
+    env = {**os.environ, "PYTHON": sys.executable}
+    proc = subprocess.run([*launch, "--output", str(tmp_path / "a")], capture_output=True, text=True, cwd=ROOT,
+                          timeout=600, env=env)  # fmt: skip
+    assert proc.returncode != 0 and all(str(path) in proc.stderr for path in bad), proc.stderr
+    proc = subprocess.run([*launch, "--skip-bad-images", "--output", str(tmp_path / "b")], capture_output=True,
+                          text=True, cwd=ROOT, timeout=600, env=env)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "leaving out 2 file(s)" in proc.stdout
