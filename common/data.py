@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -49,13 +49,13 @@ class ImageList:
         return ImageList(self.root, [self.files[i] for i in keep], [self.labels[i] for i in keep], self.classes)
 
 
-def image_files(folder: str | Path) -> tuple[list[str], dict[str, int]]:
+def image_files(folder: str | Path) -> tuple[list[str], Counter]:
     """Image files below ``folder``, sorted, and ``{extension: count}`` of the other files left out.
 
     Follows symlinked folders as torchvision's ImageFolder does (``Path.rglob`` does not before Python 3.13),
     visiting each real folder once. Hidden files and folders (``.thumbnails``, macOS ``._x.jpg``) are skipped.
     """
-    files, ignored, seen = [], {}, set()
+    files, ignored, seen = [], Counter(), set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         real = os.path.realpath(dirpath)
         if real in seen:  # a link back up the tree, or two links to one folder
@@ -70,14 +70,14 @@ def image_files(folder: str | Path) -> tuple[list[str], dict[str, int]]:
             if ext in IMG_EXTENSIONS:
                 files.append(os.path.join(dirpath, name))
             else:
-                ignored[ext or "(none)"] = ignored.get(ext or "(none)", 0) + 1
+                ignored[ext or "(none)"] += 1
     return sorted(files), ignored
 
 
-def log_ignored(folder: str | Path, ignored: dict[str, int]) -> None:
+def log_ignored(folder: str | Path, ignored: Counter) -> None:
     """One line for the files :func:`image_files` left out, by extension, most frequent first."""
     if ignored:
-        what = ", ".join(f"{n} {ext}" for ext, n in sorted(ignored.items(), key=lambda kv: -kv[1]))
+        what = ", ".join(f"{n} {ext}" for ext, n in ignored.most_common())
         log.info("%s: left out %d file(s) that are not images of a supported type (%s)", folder,
                  sum(ignored.values()), what)  # fmt: skip
 
@@ -109,15 +109,14 @@ def scan_split(split_dir: str | Path, classes: list[str] | None = None) -> Image
             f"{split_dir} has class folders that are not among the training classes: {', '.join(unknown[:10])}"
         )
     index = {c: i for i, c in enumerate(classes)}
-    files, labels, empty, ignored = [], [], [], {}
+    files, labels, empty, ignored = [], [], [], Counter()
     for name in found:
         images, other = image_files(split_dir / name)
         if not images:
             empty.append(str(split_dir / name))
         files += images
         labels += [index[name]] * len(images)
-        for ext, n in other.items():
-            ignored[ext] = ignored.get(ext, 0) + n
+        ignored += other
     if empty and own_classes:
         raise UserError(f"class folders with no images ({', '.join(IMG_EXTENSIONS)}): {', '.join(empty)}")
     if empty:

@@ -127,7 +127,7 @@ def train_one_epoch(step: StepRunner, loader, epoch: int, logger: RunLogger, pri
     bar = ProgressBar(total, f"epoch {epoch}", logger.enabled)
     # The loss is summed on the device and read back only when a line is logged: a .item() every step
     # would make the host wait for the GPU and lose the overlap of data loading with compute.
-    loss_sum = torch.zeros((), dtype=torch.float64)
+    loss_sum = 0.0  # becomes a float64 tensor on the loss's device at the first step
     seen, data_time, start = 0, 0.0, time.perf_counter()
     window_start, window_images = start, 0
     end = start
@@ -143,7 +143,7 @@ def train_one_epoch(step: StepRunner, loader, epoch: int, logger: RunLogger, pri
                 f"a training batch of {labels.shape[0]} image(s) leaves BatchNorm a single value per channel "
                 "(the model's last feature map is 1x1): use --batch-size 2 or more"
             ) from None
-        loss_sum = loss_sum.to(loss.device) + loss.double()
+        loss_sum = loss_sum + loss.double()
         seen += labels.shape[0]
         window_images += labels.shape[0]
         if i % print_freq == 0 or i == total:
@@ -364,12 +364,6 @@ def train(cfg: TrainConfig) -> dict:
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
 
     ckpts = CheckpointManager(output, cfg.keep_last)
-    if not cfg.resume and (ckpts.epoch_files() or (output / "best.pt").exists()):
-        # A fresh run here would replace best.pt and rotate the earlier run's checkpoints away.
-        raise UserError(
-            f"{output} holds the checkpoints of an earlier run: pass --resume auto to continue it, or another "
-            "--output to start afresh"
-        )
     start_epoch, best, global_step = 0, 0.0, 0
     resumed = _load_resume(cfg, ckpts, data.classes)
     if resumed is not None:
@@ -443,13 +437,22 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def _load_resume(cfg: TrainConfig, ckpts: CheckpointManager, classes: list[str]):
-    """The checkpoint to resume from (None for a fresh run), checked against this run's classes."""
+    """The checkpoint to resume from (None for a fresh run), checked against this run's classes.
+
+    A fresh start never happens over an earlier run's checkpoints: it would replace best.pt and rotate the
+    epoch checkpoints away.
+    """
+    earlier_best = (ckpts.folder / "best.pt").exists()
     if not cfg.resume:
+        if ckpts.epoch_files() or earlier_best:
+            raise UserError(
+                f"{ckpts.folder} holds the checkpoints of an earlier run: pass --resume auto to continue it, or "
+                "another --output to start afresh"
+            )
         return None
     if cfg.resume == "auto":
         found = ckpts.load_latest()
-        if found is None and (ckpts.folder / "best.pt").exists():
-            # Starting from scratch here would replace that run's best.pt.
+        if found is None and earlier_best:
             raise UserError(
                 f"--resume auto: {ckpts.folder} holds an earlier run's best.pt but no epoch checkpoint that loads; "
                 "pass another --output to start afresh"
