@@ -188,11 +188,34 @@ def test_every_recipe_launcher_passes_arguments_through(recipe, arch, from_prese
     assert {k: config[k] for k in from_preset} == from_preset
 
 
-def test_vgg_scripts_say_vgg_is_heavy():
+def test_vgg_scripts_show_the_note_and_its_numbers_hold():
+    """The launchers print vgg/NOTE above --help, and every count the note quotes is what the flop counter
+    measures (a note that goes stale when a model changes fails here)."""
+    import re
+
+    import torch
+
+    from common.info import count_model
+    from common.registry import create_model
+
+    note = (ROOT / "vgg" / "NOTE").read_text()
     for script in ("train_1gpu.sh", "benchmark.sh"):
         proc = subprocess.run(["bash", str(ROOT / "vgg" / script), "--help"], capture_output=True, text=True, cwd=ROOT)
         assert proc.returncode == 0, proc.stderr
-        assert "VGG is heavy" in proc.stdout and "15.5 G multiply-adds" in proc.stdout
+        assert note.strip()[:60] in proc.stdout and "--batch-size" in proc.stdout
+    vgg16, vgg19, resnet50 = (count_model(a, 224, 1000, None) for a in ("vgg16", "vgg19", "resnet50"))
+    quoted = re.search(r"VGG-16: ([\d.]+)M parameters \(([\d.]+)M of them in the first FC layer\), ([\d.]+) G", note)
+    params, fc1, macs = map(float, quoted.groups())
+    with torch.device("meta"):
+        first_fc = sum(p.numel() for p in create_model("vgg16").classifier[0].parameters())
+    assert params == round(vgg16.params / 1e6, 1) and fc1 == round(first_fc / 1e6, 1)
+    assert macs == round(vgg16.macs / 1e9, 1)
+    assert f"about {vgg16.macs / resnet50.macs:.1f}x ResNet-50's {resnet50.macs / 1e9:.1f} G" in note
+    assert (
+        f"VGG-19: {vgg19.params / 1e6:.1f}M parameters, {vgg19.macs / 1e9:.1f} G ({vgg19.macs / resnet50.macs:.1f}x)"
+        in note
+    )
+    assert f"{vgg16.params * 4 / 1e6:.0f} MB of fp32" in note
 
 
 @pytest.mark.parametrize(
