@@ -11,7 +11,9 @@ recipe="${1:?usage: common/slurm.sh RECIPE_SCRIPT [ARGS...], e.g. resnet50/train
 shift
 : "${SLURM_JOB_ID:?common/slurm.sh runs inside a Slurm allocation (sbatch or salloc)}"
 # The first hostname of the allocation hosts the rendezvous store; torchrun there recognises itself by name.
-MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+# (Read whole, not through `| head`: under pipefail an early-closed pipe fails the script.)
+mapfile -t hosts < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+MASTER_ADDR="${hosts[0]:?scontrol gave no hostnames for $SLURM_JOB_NODELIST}"
 NNODES="${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}"
 gpus="${SLURM_GPUS_ON_NODE:-${SLURM_GPUS_PER_NODE:-8}}"
 NPROC_PER_NODE="${NPROC_PER_NODE:-${gpus##*:}}"  # --gpus-per-node=a100:8 gives "a100:8"
