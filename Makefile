@@ -10,7 +10,7 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dali,test]'
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dali,test,deploy]'
 	touch $@
 
 # Debian's dataset-fashion-mnist holds the IDX files; elsewhere `prepare` falls back to torchvision's download.

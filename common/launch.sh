@@ -2,8 +2,8 @@
 # The one launcher behind every recipe script: a single process, or torchrun for several processes and nodes.
 #   common/launch.sh PROCS SUBCOMMAND [ARGS...]
 # PROCS is the number of processes on this node (one per GPU; on a CPU-only machine they share the cores
-# and talk over gloo). Several nodes: set NNODES, NODE_RANK, MASTER_ADDR and MASTER_PORT, as Slurm or a
-# Kubernetes job gives them. The interpreter: see python.sh.
+# and talk over gloo). Several nodes: set NNODES, MASTER_ADDR, MASTER_PORT (and RDZV_ID, MAX_RESTARTS), as
+# common/slurm.sh or the Helm chart do. The interpreter: see python.sh.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/python.sh"
 procs="${1:?usage: common/launch.sh PROCS SUBCOMMAND [ARGS...]}"
@@ -21,6 +21,10 @@ fi
 if [[ "$nnodes" == 1 ]]; then
   exec "$PYTHON" -m torch.distributed.run --standalone --nnodes 1 --nproc-per-node "$procs" -m common "$@"
 fi
-: "${NODE_RANK:?NODE_RANK must be set for a multi-node run}" "${MASTER_ADDR:?MASTER_ADDR must be set}"
-exec "$PYTHON" -m torch.distributed.run --nnodes "$nnodes" --node-rank "$NODE_RANK" --nproc-per-node "$procs" \
-  --master-addr "$MASTER_ADDR" --master-port "${MASTER_PORT:-29500}" -m common "$@"
+# Several nodes: torchrun's c10d rendezvous, hosted by the torchrun on MASTER_ADDR (Slurm's first node, the
+# Kubernetes Job's pod 0). Ranks come from the rendezvous, so NODE_RANK is not needed and a restarted node
+# rejoins; MAX_RESTARTS lets the surviving agents restart their workers instead of failing the whole job.
+: "${MASTER_ADDR:?MASTER_ADDR must be set for a multi-node run}"
+exec "$PYTHON" -m torch.distributed.run --nnodes "$nnodes" --nproc-per-node "$procs" \
+  --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:${MASTER_PORT:-29500}" --rdzv-id "${RDZV_ID:-convnets}" \
+  --max-restarts "${MAX_RESTARTS:-0}" -m common "$@"
