@@ -148,7 +148,8 @@ def lr_factor(step: int, steps_per_epoch: int, epochs: int, warmup_epochs: float
     """
     epoch = step / max(1, steps_per_epoch)
     if epoch < warmup_epochs:
-        return (step + 1) / max(1.0, warmup_epochs * steps_per_epoch)
+        # Capped at 1: a warmup that ends between two steps would otherwise overshoot the peak at its last step.
+        return min(1.0, (step + 1) / max(1.0, warmup_epochs * steps_per_epoch))
     if schedule == "step":
         if lr_step_every is not None:
             # Counted in steps, not in float epochs, so that a boundary falls on its step exactly.

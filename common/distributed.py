@@ -55,11 +55,11 @@ MIN_DRIVER = {11: 450, 12: 525, 13: 580}
 OLDER_WHEEL = ((525, "cu126", "12.6"), (450, "cu118", "11.8"))
 
 
-def nvidia_driver_version() -> str | None:
+def nvidia_driver_version(proc_file: str = "/proc/driver/nvidia/version") -> str | None:
     """The loaded NVIDIA kernel driver's version: "" where NVIDIA devices exist but the version cannot be read,
     None on a machine without NVIDIA devices."""
     try:
-        text = Path("/proc/driver/nvidia/version").read_text()
+        text = Path(proc_file).read_text()
         match = re.search(r"Kernel Module.*?\s(\d+\.\d+(?:\.\d+)?)\s", text)
         return match.group(1) if match else ""
     except OSError:
