@@ -225,8 +225,10 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
         if "(default:" not in helptext and not meta.get("required") and not meta.get("positional"):
             helptext += f" (default: {default})"
         if meta.get("positional"):
-            parser.add_argument(name, type=tp, nargs=meta["positional"], choices=meta.get("choices"),
-                                default=argparse.SUPPRESS, help=helptext)  # fmt: skip
+            # An optional positional gets its own default: argparse would check SUPPRESS against the choices.
+            absent = default if meta["positional"] == "?" else argparse.SUPPRESS
+            parser.add_argument(name, type=tp, nargs=meta["positional"], choices=meta.get("choices"), default=absent,
+                                help=helptext)  # fmt: skip
             continue
         flag = meta.get("flag", "--" + name.replace("_", "-"))
         dest = {"dest": name}
