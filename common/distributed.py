@@ -121,6 +121,8 @@ def resolve_device(requested: str = "auto", local_rank: int = 0) -> torch.device
         return torch.device("cpu")
     if torch.cuda.is_available():
         if requested.startswith("cuda:"):
+            if int(requested[5:]) >= torch.cuda.device_count():
+                raise UserError(f"--device {requested}: this machine shows {torch.cuda.device_count()} GPU(s)")
             return torch.device(requested)
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     driver = nvidia_driver_version()
@@ -144,6 +146,8 @@ def init_distributed(device: str = "auto") -> Runtime:
     ``device`` is ``--device``: see :func:`resolve_device`.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and device.startswith("cuda:"):
+        raise UserError(f"--device {device} names one GPU, but torchrun started {world} processes: use --device cuda")
     device = resolve_device(device, local_rank())
     if device.type == "cuda":
         torch.cuda.set_device(device)

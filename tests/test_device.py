@@ -66,6 +66,8 @@ def test_a_usable_cuda_gives_each_local_rank_its_gpu(monkeypatch):
     assert dist.resolve_device("auto", local_rank=3) == torch.device("cuda", 1)
     assert dist.resolve_device("cuda:0", local_rank=1) == torch.device("cuda", 0)
     assert dist.resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(UserError, match="cuda:2: this machine shows 2 GPU"):
+        dist.resolve_device("cuda:2")
 
 
 @pytest.mark.parametrize(
