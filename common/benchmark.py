@@ -22,6 +22,7 @@ from common.builders import build_model, build_optimizer, build_scheduler
 from common.checkpoint import atomic_write_text
 from common.config import BenchmarkConfig, TrainConfig
 from common.data import ImageList, SyntheticLoader, build_loader, default_backend, scan_split
+from common.distributed import resolve_device
 from common.engine import StepRunner, autocast_context, pipeline_spec, resolve_amp, resolve_sizes
 from common.errors import UserError
 from common.registry import get_model_spec
@@ -70,7 +71,7 @@ def _time_loop(step_fn, batches, warmup: int, iterations: int, device) -> tuple[
 
 def run_benchmark(cfg: BenchmarkConfig) -> dict:
     """Time one mode and return (and optionally write) the result dictionary."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(cfg.device)
     cfg = dataclasses.replace(cfg, amp=resolve_amp(cfg.amp, device))
     spec = get_model_spec(cfg.arch)
     image_size, resize = resolve_sizes(spec, cfg.image_size, cfg.val_resize)

@@ -140,12 +140,20 @@ def build_optimizer(model: nn.Module, cfg, lr: float) -> torch.optim.Optimizer:
 
 
 def lr_factor(step: int, steps_per_epoch: int, epochs: int, warmup_epochs: float, schedule: str,
-              lr_steps: list[int], lr_gamma: float) -> float:  # fmt: skip
-    """Multiplier of the base LR at optimizer step ``step``: linear warmup, then cosine, step or linear decay."""
+              lr_steps: list[float], lr_gamma: float, lr_step_every: float | None = None) -> float:  # fmt: skip
+    """Multiplier of the base LR at optimizer step ``step``: linear warmup, then cosine, step or linear decay.
+
+    The step schedule multiplies by ``lr_gamma`` at each epoch of ``lr_steps``, or every ``lr_step_every``
+    epochs when that is given (torchvision's StepLR: during epoch e the factor is gamma^floor(e / every)).
+    """
     epoch = step / max(1, steps_per_epoch)
     if epoch < warmup_epochs:
-        return (step + 1) / max(1.0, warmup_epochs * steps_per_epoch)
+        # Capped at 1: a warmup that ends between two steps would otherwise overshoot the peak at its last step.
+        return min(1.0, (step + 1) / max(1.0, warmup_epochs * steps_per_epoch))
     if schedule == "step":
+        if lr_step_every is not None:
+            # Counted in steps, not in float epochs, so that a boundary falls on its step exactly.
+            return lr_gamma ** math.floor(step / (lr_step_every * steps_per_epoch) + 1e-9)
         return lr_gamma ** sum(epoch >= s for s in lr_steps)
     progress = (epoch - warmup_epochs) / max(1e-8, epochs - warmup_epochs)
     if schedule == "cosine":
@@ -157,8 +165,7 @@ def build_scheduler(optimizer, cfg, steps_per_epoch: int) -> torch.optim.lr_sche
     """A per-step schedule; its state (the step count) is all a checkpoint needs to restore it."""
 
     def factor(step: int) -> float:
-        return lr_factor(
-            step, steps_per_epoch, cfg.epochs, cfg.warmup_epochs, cfg.lr_schedule, cfg.lr_steps, cfg.lr_gamma
-        )
+        return lr_factor(step, steps_per_epoch, cfg.epochs, cfg.warmup_epochs, cfg.lr_schedule, cfg.lr_steps,
+                         cfg.lr_gamma, getattr(cfg, "lr_step_every", None))  # fmt: skip
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

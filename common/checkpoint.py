@@ -83,7 +83,9 @@ def rng_state() -> dict:
         "python": [list(random.getstate()[1]), random.getstate()[0], random.getstate()[2]],
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # This rank's own GPU only (the current device, set by init_distributed): a resume on a machine with
+        # fewer visible GPUs than the one that saved cannot restore states for devices it does not have.
+        state["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     return state
 
 
@@ -93,7 +95,16 @@ def set_rng_state(state: dict) -> None:
     internal, version, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"]
+        device = torch.cuda.current_device()
+        if isinstance(cuda, list | tuple):
+            # Checkpoints written before per-rank states hold one state per GPU that rank could see; the rank's
+            # own GPU had the index of its local rank there, as it has here.
+            if device >= len(cuda):
+                log.warning("checkpoint has no CUDA RNG state for cuda:%d; keeping the seeded one", device)
+                return
+            cuda = cuda[device]
+        torch.cuda.set_rng_state(cuda, device)
 
 
 def restore_rng(saved: list[dict] | dict, rank: int, world: int, fallback_seed: int) -> None:

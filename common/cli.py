@@ -23,16 +23,21 @@ def _cli_values(args: argparse.Namespace, cls) -> dict:
 def cmd_train(args) -> int:
     from common.engine import train
 
-    cfg = config.resolve(config.TrainConfig, _cli_values(args, config.TrainConfig), args.preset, args.profile)
-    train(cfg)
+    train(_resolve(args, config.TrainConfig))
     return 0
+
+
+def _resolve(args: argparse.Namespace, cls):
+    """``cls`` from its defaults, the preset where the command takes one, then the command line."""
+    return config.resolve(cls, _cli_values(args, cls), getattr(args, "preset", None), getattr(args, "profile", None))
 
 
 def cmd_evaluate(args) -> int:
     from common.inference import run_evaluate
 
-    result = run_evaluate(args)
-    if args.json:
+    cfg = _resolve(args, config.EvaluateConfig)
+    result = run_evaluate(cfg)
+    if cfg.json:
         print(json.dumps(result))
     return 0
 
@@ -40,13 +45,13 @@ def cmd_evaluate(args) -> int:
 def cmd_predict(args) -> int:
     from common.inference import run_predict
 
-    return run_predict(args)
+    return run_predict(_resolve(args, config.PredictConfig))
 
 
 def cmd_benchmark(args) -> int:
     from common.benchmark import run_benchmark
 
-    cfg = config.resolve(config.BenchmarkConfig, _cli_values(args, config.BenchmarkConfig), args.preset, args.profile)
+    cfg = _resolve(args, config.BenchmarkConfig)
     result = run_benchmark(cfg)
     if cfg.json is None:
         print(json.dumps(result, indent=2))
@@ -57,9 +62,10 @@ def cmd_info(args) -> int:
     from common.info import count_all, count_model
     from common.registry import get_model_spec
 
-    if args.list:
-        rows = count_all(args.image_size or 224)
-        if args.json:
+    cfg = _resolve(args, config.InfoConfig)
+    if cfg.list_models:
+        rows = count_all(cfg.image_size or 224)
+        if cfg.json:
             print(json.dumps([r.as_dict() | {"recipe": get_model_spec(r.arch).recipe} for r in rows]))
             return 0
         print(f"{'model':<22} {'recipe':<10} {'params (M)':>11} {'GMACs @' + str(rows[0].image_size):>11}  description")
@@ -67,11 +73,11 @@ def cmd_info(args) -> int:
             spec = get_model_spec(r.arch)
             print(f"{r.arch:<22} {spec.recipe:<10} {r.params / 1e6:>11.2f} {r.macs / 1e9:>11.3f}  {spec.description}")
         return 0
-    counts = count_model(args.arch, args.image_size, args.num_classes, args.width_mult)
-    if args.json:
+    counts = count_model(cfg.arch, cfg.image_size, cfg.num_classes, cfg.width_mult)
+    if cfg.json:
         print(json.dumps(counts.as_dict()))
     else:
-        spec = get_model_spec(args.arch)
+        spec = get_model_spec(cfg.arch)
         print(f"{counts.arch} ({spec.recipe}): {spec.description}")
         print(f"  input       {counts.image_size}x{counts.image_size}, {counts.num_classes} classes"
               + (f", width multiplier {counts.width_mult}" if counts.width_mult else ""))  # fmt: skip
@@ -85,14 +91,15 @@ def cmd_prepare(args) -> int:
 
     from common.prepare import check_tree, prepare_fashion_mnist
 
-    if args.check:
-        bad = check_tree(Path(args.check), args.workers)
+    cfg = _resolve(args, config.PrepareConfig)
+    if cfg.check:
+        bad = check_tree(Path(cfg.check), cfg.workers)
         return 1 if bad else 0
-    if args.dataset is None:
+    if cfg.dataset is None:
         raise UserError("prepare needs a data set name (fashion-mnist) or --check DIR")
-    if args.out is None:
+    if cfg.out is None:
         raise UserError("prepare fashion-mnist needs --out DIR")
-    prepare_fashion_mnist(Path(args.out), Path(args.source) if args.source else None, args.workers)
+    prepare_fashion_mnist(Path(cfg.out), Path(cfg.source) if cfg.source else None, cfg.workers)
     return 0
 
 
@@ -107,25 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="top-1/top-5, per-class accuracy and a confusion matrix of a checkpoint")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--data", required=True, help="an ImageFolder split, or a root holding val/")
-    p.add_argument("--data-backend", choices=config.BACKENDS, default=None)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=config.DataConfig().workers)
-    p.add_argument("--width-mult", type=float, default=None, help="must match the checkpoint's when given")
-    p.add_argument("--image-check", choices=("full", "header", "none"), default="full")
-    p.add_argument("--skip-bad-images", action=argparse.BooleanOptionalAction, default=False)
-    p.add_argument("--output", default=None, help="folder for metrics.json and confusion_matrix.png")
-    p.add_argument("--json", action="store_true", help="print one JSON object with top1, top5, loss, per-class")
+    config.add_arguments(p, config.EvaluateConfig)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="top-k classes of image files, folders or globs")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("paths", nargs="+", help="image files, folders (searched recursively) or glob patterns")
-    p.add_argument("--topk", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--csv", action="store_true", help="CSV instead of JSON lines")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    config.add_arguments(p, config.PredictConfig)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("benchmark", help="throughput and latency of training, inference or the data pipeline")
@@ -135,20 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_benchmark)
 
     p = sub.add_parser("info", help="parameters and multiply-adds of a model (or --list all of them)")
-    p.add_argument("--arch", default="resnet50")
-    p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--num-classes", type=int, default=1000)
-    p.add_argument("--width-mult", type=float, default=None)
-    p.add_argument("--list", action="store_true", help="every registered model with its counts at 224")
-    p.add_argument("--json", action="store_true")
+    config.add_arguments(p, config.InfoConfig)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("prepare", help="build an ImageFolder tree from a data set, or check one for bad files")
-    p.add_argument("dataset", nargs="?", choices=("fashion-mnist",))
-    p.add_argument("--out", help="where to write the ImageFolder tree")
-    p.add_argument("--source", help="folder holding the IDX files (default: Debian's dataset-fashion-mnist)")
-    p.add_argument("--check", metavar="DIR", help="list every image below DIR that cannot be decoded (exit 1 if any)")
-    p.add_argument("--workers", type=int, default=config.DataConfig().workers)
+    config.add_arguments(p, config.PrepareConfig)
     p.set_defaults(func=cmd_prepare)
     return parser
 

@@ -8,23 +8,58 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
+import re
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import tomllib
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10, which many NGC containers still ship: the same parser, as a package
+    import tomli as tomllib
 
 from common.errors import UserError
 
+log = logging.getLogger("convnets")
+
 BACKENDS = ("dali-gpu", "dali-cpu", "pytorch", "synthetic")
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+# A run shorter than its recipe gets the recipe's warmup scaled to it, and never more than this share of it.
+# The published recipes stay below: NVIDIA's ResNet-50 warms up 8 of 90 epochs (8.9%), the quickstart 0.5 of 4
+# (12.5%), so they run exactly as written; what is left (at least 4/5 of a run) anneals.
+MAX_WARMUP_SHARE = 0.2
 
 
 def opt(default, help: str, choices=None, **extra):
-    """A dataclass field carrying its command-line help and choices."""
+    """A dataclass field carrying its command-line help and choices.
+
+    ``extra`` goes to the field's metadata: ``required=True`` (an option that must be given), ``positional="+"``
+    or ``"?"`` (an argument without a flag, with that nargs), ``flag="--list"`` (a flag other than the name's).
+    """
     kwargs = {"default_factory": lambda: list(default)} if isinstance(default, list) else {"default": default}
     return field(metadata={"help": help, "choices": choices, **extra}, **kwargs)
+
+
+def same_as(cls, name: str, default=dataclasses.MISSING, help: str | None = None):
+    """Field ``name`` of ``cls`` again (default, help, choices), for a command that shares the option."""
+    f = cls.__dataclass_fields__[name]
+    if default is dataclasses.MISSING:
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    meta = dict(f.metadata)
+    return opt(default, help or meta.pop("help"), meta.pop("choices"), **meta)
+
+
+@dataclass
+class DeviceConfig:
+    device: str = opt(
+        "auto",
+        "where to run: auto (CUDA when usable, else the CPU, with a warning where NVIDIA GPUs are present but "
+        "unusable), cuda (stop when CUDA is not usable), cpu; cuda:N picks one GPU (default: auto)",
+    )
 
 
 @dataclass
@@ -65,7 +100,7 @@ class PrecisionConfig:
 
 
 @dataclass
-class TrainConfig(DataConfig, ModelConfig, PrecisionConfig):
+class TrainConfig(DataConfig, ModelConfig, PrecisionConfig, DeviceConfig):
     epochs: int = opt(90, "training epochs")
     batch_size: int = opt(256, "images per device per step")
     optimizer_batch_size: int | None = opt(
@@ -81,8 +116,17 @@ class TrainConfig(DataConfig, ModelConfig, PrecisionConfig):
     label_smoothing: float = opt(0.1, "label smoothing")
     mixup: float = opt(0.0, "mixup alpha (0: off)")
     lr_schedule: str = opt("cosine", "learning-rate schedule after warmup", ("cosine", "step", "linear"))
-    warmup_epochs: float = opt(8.0, "linear warmup epochs")
-    lr_steps: list[int] = opt([30, 60, 80], "epochs at which the step schedule multiplies the lr by lr_gamma")
+    warmup_epochs: float = opt(
+        8.0, "linear warmup epochs; a run given fewer --epochs than its preset gets the warmup scaled to it"
+    )
+    lr_steps: list[float] = opt(
+        [30, 60, 80],
+        "epochs at which the step schedule multiplies the lr by lr_gamma; a run given fewer --epochs than its "
+        "preset gets them scaled to it",
+    )
+    lr_step_every: float | None = opt(
+        None, "step schedule: multiply the lr by lr_gamma every N epochs instead of at --lr-steps (scaled as those)"
+    )
     lr_gamma: float = opt(0.1, "step schedule factor")
     clip_grad_norm: float | None = opt(None, "clip the gradient norm to this value")
     ema_decay: float | None = opt(None, "keep an EMA of the weights with this decay and evaluate it too")
@@ -99,7 +143,7 @@ class TrainConfig(DataConfig, ModelConfig, PrecisionConfig):
 
 
 @dataclass
-class BenchmarkConfig(DataConfig, ModelConfig, PrecisionConfig):
+class BenchmarkConfig(DataConfig, ModelConfig, PrecisionConfig, DeviceConfig):
     data: str | None = opt(None, "ImageFolder root (needed for --mode data; default for train/inference: synthetic)")
     mode: str = opt("train", "what to time: training steps, inference, or the data loader alone",
                     ("train", "inference", "data"))  # fmt: skip
@@ -109,6 +153,50 @@ class BenchmarkConfig(DataConfig, ModelConfig, PrecisionConfig):
     num_classes: int | None = opt(1000, "classifier size")
     json: str | None = opt(None, "write the result as JSON to this file (also printed when absent)")
     seed: int = opt(0, "random seed")
+
+
+@dataclass
+class EvaluateConfig(DeviceConfig):
+    checkpoint: str | None = opt(None, "a training checkpoint (best.pt, checkpoint_epoch_NNNN.pt)", required=True)
+    data: str | None = opt(None, "an ImageFolder split, or a root holding val/", required=True)
+    data_backend: str | None = same_as(DataConfig, "data_backend")
+    batch_size: int = opt(64, "images per batch")
+    workers: int = same_as(DataConfig, "workers")
+    width_mult: float | None = opt(None, "must match the checkpoint's when given")
+    image_check: str = same_as(DataConfig, "image_check")
+    skip_bad_images: bool = same_as(DataConfig, "skip_bad_images")
+    output: str | None = opt(
+        None, "folder for metrics.json and confusion_matrix.png (default: eval_<split> beside the checkpoint)"
+    )
+    json: bool = opt(False, "print one JSON object with top1, top5, loss, per-class")
+
+
+@dataclass
+class PredictConfig(DeviceConfig):
+    checkpoint: str | None = opt(None, "a training checkpoint", required=True)
+    paths: list[str] = opt([], "image files, folders (searched recursively) or glob patterns", positional="+")
+    topk: int = opt(5, "classes per image")
+    batch_size: int = opt(32, "images per batch")
+    csv: bool = opt(False, "CSV instead of JSON lines")
+
+
+@dataclass
+class InfoConfig:
+    arch: str = same_as(ModelConfig, "arch")
+    image_size: int | None = opt(None, "input resolution (default: the model's; 224 with --list)")
+    num_classes: int = opt(1000, "classifier size")
+    width_mult: float | None = same_as(ModelConfig, "width_mult")
+    list_models: bool = opt(False, "every registered model with its counts", flag="--list")
+    json: bool = opt(False, "print JSON")
+
+
+@dataclass
+class PrepareConfig:
+    dataset: str | None = opt(None, "data set to build an ImageFolder tree from", ("fashion-mnist",), positional="?")
+    out: str | None = opt(None, "where to write the ImageFolder tree")
+    source: str | None = opt(None, "folder holding the IDX files (default: Debian's dataset-fashion-mnist)")
+    check: str | None = opt(None, "list every image below DIR that cannot be decoded (exit 1 if any)", metavar="DIR")
+    workers: int = same_as(DataConfig, "workers")
 
 
 def _base_type(tp):
@@ -131,14 +219,23 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
     reaches :func:`resolve`, which is what lets a preset sit between the defaults and the command line."""
     for name, (f, hint) in _fields(cls).items():
         tp, is_list = _base_type(hint)
-        flag = "--" + name.replace("_", "-")
         meta = f.metadata
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         helptext = meta.get("help", "")
-        if "(default:" not in helptext:
+        if "(default:" not in helptext and not meta.get("required") and not meta.get("positional"):
             helptext += f" (default: {default})"
+        if meta.get("positional"):
+            # An optional positional gets its own default: argparse would check SUPPRESS against the choices.
+            absent = default if meta["positional"] == "?" else argparse.SUPPRESS
+            parser.add_argument(name, type=tp, nargs=meta["positional"], choices=meta.get("choices"), default=absent,
+                                help=helptext)  # fmt: skip
+            continue
+        flag = meta.get("flag", "--" + name.replace("_", "-"))
+        dest = {"dest": name}
         if tp is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=helptext)
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=helptext, **dest
+            )
         else:
             parser.add_argument(
                 flag,
@@ -146,8 +243,10 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
                 nargs="+" if is_list else None,
                 choices=meta.get("choices"),
                 default=argparse.SUPPRESS,
+                required=bool(meta.get("required")),
                 help=helptext,
-                metavar=name.upper() if meta.get("choices") is None else None,
+                metavar=meta.get("metavar", name.upper()) if meta.get("choices") is None else None,
+                **dest,
             )
 
 
@@ -198,6 +297,7 @@ MINIMUMS = {
     "epochs": 1, "batch_size": 1, "optimizer_batch_size": 1, "workers": 0, "image_size": 16, "val_resize": 16,
     "keep_last": 1, "print_freq": 1, "eval_every": 1, "max_steps_per_epoch": 1, "iterations": 1, "warmup": 0,
     "num_classes": 1, "lr": 0.0, "weight_decay": 0.0, "label_smoothing": 0.0, "mixup": 0.0, "warmup_epochs": 0.0,
+    "topk": 1,
 }  # fmt: skip
 
 
@@ -210,6 +310,38 @@ def validate(cfg) -> None:
         raise UserError(f"--min-crop-scale must be in (0, 1], got {cfg.min_crop_scale}")
     if getattr(cfg, "ema_decay", None) is not None and not 0 < cfg.ema_decay < 1:
         raise UserError(f"--ema-decay must be between 0 and 1, got {cfg.ema_decay}")
+    if getattr(cfg, "lr_step_every", None) is not None and cfg.lr_step_every <= 0:
+        raise UserError(f"--lr-step-every must be positive, got {cfg.lr_step_every}")
+    if not DEVICE_PATTERN.match(getattr(cfg, "device", "auto")):
+        raise UserError(f"--device must be auto, cuda, cuda:N or cpu, got {cfg.device!r}")
+    for name, (f, _) in _fields(type(cfg)).items():
+        if f.metadata.get("required") and getattr(cfg, name) is None:
+            raise UserError(f"--{name.replace('_', '-')} is required")
+
+
+def fit_schedule(cfg, written_for: int, typed: set[str]):
+    """The learning-rate schedule of ``cfg`` fitted to its run when it is shorter than the ``written_for`` epochs
+    the preset (or the defaults) wrote the schedule for.
+
+    Warmup and step milestones scale by epochs / written_for, so a recipe cut short keeps its shape (warmup, then
+    the whole decay) instead of ending in its warmup; the warmup is also held to MAX_WARMUP_SHARE of any run.
+    What the user typed on the command line (``typed``) is kept as given. Says what it changed in one line.
+    """
+    scale = min(1.0, cfg.epochs / written_for)
+    changes = {}
+    if "warmup_epochs" not in typed:
+        warmup = min(cfg.warmup_epochs * scale, MAX_WARMUP_SHARE * cfg.epochs)
+        if warmup < cfg.warmup_epochs:
+            changes["warmup_epochs"] = round(warmup, 6)
+    if scale < 1 and cfg.lr_schedule == "step":
+        if cfg.lr_step_every is not None and "lr_step_every" not in typed:
+            changes["lr_step_every"] = round(cfg.lr_step_every * scale, 6)
+        elif cfg.lr_step_every is None and "lr_steps" not in typed:
+            changes["lr_steps"] = [round(s * scale, 6) for s in cfg.lr_steps]
+    if changes:
+        said = ", ".join(f"{k} {getattr(cfg, k)} -> {v}" for k, v in changes.items())
+        log.info("schedule fitted to this %d-epoch run (written for %d epochs): %s", cfg.epochs, written_for, said)
+    return dataclasses.replace(cfg, **changes)
 
 
 def resolve(cls, cli: dict, preset: str | None = None, profile: str | None = None):
@@ -220,7 +352,10 @@ def resolve(cls, cli: dict, preset: str | None = None, profile: str | None = Non
             values[key] = _check_value(cls, key, value, f"preset {preset}")
     elif profile:
         raise UserError("--profile needs --preset")
+    written_for = values.get("epochs", getattr(cls, "epochs", None))  # the schedule's length, before the command line
     values.update(cli)
     cfg = cls(**values)
     validate(cfg)
+    if hasattr(cfg, "lr_schedule"):
+        cfg = fit_schedule(cfg, written_for, set(cli))
     return cfg

@@ -320,7 +320,7 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.gpu_affinity:
         # Before the process group and the loaders start their threads: they inherit the mask.
         dist.set_gpu_affinity(dist.local_rank())
-    rt = dist.init_distributed()
+    rt = dist.init_distributed(cfg.device)
     cfg = dataclasses.replace(cfg, amp=resolve_amp(cfg.amp, rt.device))
     seed_everything(cfg.seed, rt.rank, cfg.deterministic)
     if rt.device.type == "cuda":

@@ -14,6 +14,7 @@ import torch
 
 from common.builders import build_model
 from common.checkpoint import atomic_write_text, load_checkpoint
+from common.config import EvaluateConfig, PredictConfig
 from common.data import (
     Normalizer,
     PipelineSpec,
@@ -26,6 +27,7 @@ from common.data import (
     log_ignored,
     scan_split,
 )
+from common.distributed import resolve_device
 from common.engine import evaluate
 from common.errors import UserError
 from common.registry import get_model_spec
@@ -66,10 +68,6 @@ def load_trained(path: str, device: torch.device, width_mult: float | None = Non
     return TrainedModel(model, list(state["class_names"]), cfg, pipeline, device)
 
 
-def pick_device(name: str | None = None) -> torch.device:
-    return torch.device(name) if name else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def save_confusion_png(confusion: torch.Tensor, classes: list[str], path: Path, title: str) -> None:
     """Row-normalised confusion matrix, written atomically."""
     import matplotlib
@@ -102,15 +100,15 @@ def save_confusion_png(confusion: torch.Tensor, classes: list[str], path: Path, 
     tmp.replace(path)
 
 
-def run_evaluate(args) -> dict:
+def run_evaluate(cfg: EvaluateConfig) -> dict:
     """Top-1/top-5, loss, per-class accuracy and a confusion matrix PNG of a checkpoint on a labelled folder."""
-    device = pick_device()
-    trained = load_trained(args.checkpoint, device, args.width_mult, args.batch_size, args.workers)
-    root = Path(args.data)
+    device = resolve_device(cfg.device)
+    trained = load_trained(cfg.checkpoint, device, cfg.width_mult, cfg.batch_size, cfg.workers)
+    root = Path(cfg.data)
     split = root / "val" if (root / "val").is_dir() else root
     images = scan_split(split, classes=trained.classes)
-    backend = args.data_backend or default_backend(device)
-    (images,) = drop_bad_images([images], args.image_check, args.skip_bad_images, args.workers,
+    backend = cfg.data_backend or default_backend(device)
+    (images,) = drop_bad_images([images], cfg.image_check, cfg.skip_bad_images, cfg.workers,
                                 dali=backend.startswith("dali"))  # fmt: skip
     loader = build_loader(backend, images, trained.pipeline, train=False, device=device)
     result = evaluate(trained.model, loader, len(trained.classes))
@@ -120,10 +118,10 @@ def run_evaluate(args) -> dict:
         total = int(confusion[i].sum())
         if total:
             per_class[name] = {"accuracy": 100 * int(confusion[i, i]) / total, "count": total}
-    output = Path(args.output) if args.output else Path(args.checkpoint).parent / f"eval_{split.name}"
+    output = Path(cfg.output) if cfg.output else Path(cfg.checkpoint).parent / f"eval_{split.name}"
     output.mkdir(parents=True, exist_ok=True)
     metrics = {
-        "checkpoint": str(args.checkpoint),
+        "checkpoint": str(cfg.checkpoint),
         "data": str(split),
         "arch": trained.config["arch"],
         "images": result.count,
@@ -136,7 +134,7 @@ def run_evaluate(args) -> dict:
     title = f"{trained.config['arch']} on {split}: top-1 {result.top1:.2f}%"
     save_confusion_png(confusion, trained.classes, output / "confusion_matrix.png", title)
     atomic_write_text(output / "metrics.json", json.dumps(metrics | {"confusion": confusion.tolist()}, indent=2))
-    if not args.json:
+    if not cfg.json:
         log.info("%s: %d images  top-1 %.2f%%  top-5 %.2f%%  loss %.4f", split, result.count, result.top1,
                  result.top5, result.loss)  # fmt: skip
         for name, c in per_class.items():
@@ -162,16 +160,16 @@ def expand_paths(patterns: list[str]) -> list[tuple[str, str | None]]:
     return out
 
 
-def run_predict(args) -> int:
+def run_predict(cfg: PredictConfig) -> int:
     """Top-k classes with probabilities per image, as JSON lines or CSV; a bad file gets its own error line."""
-    if args.topk < 1:
-        raise UserError(f"--topk must be at least 1, got {args.topk}")
-    device = pick_device(args.device)
-    trained = load_trained(args.checkpoint, device)
+    if cfg.topk < 1:
+        raise UserError(f"--topk must be at least 1, got {cfg.topk}")
+    device = resolve_device(cfg.device)
+    trained = load_trained(cfg.checkpoint, device)
     transform = eval_transform(trained.pipeline)
-    k = min(args.topk, len(trained.classes))
+    k = min(cfg.topk, len(trained.classes))
     normalize = Normalizer(device, trained.pipeline.channels_last)
-    writer = csv.writer(sys.stdout) if args.csv else None
+    writer = csv.writer(sys.stdout) if cfg.csv else None
     if writer:
         writer.writerow(["path"] + [f"{c}_{i}" for i in range(1, k + 1) for c in ("class", "prob")] + ["error"])
     failures = 0
@@ -204,7 +202,7 @@ def run_predict(args) -> int:
                 emit(path, [(trained.classes[c], p) for c, p in zip(i, v, strict=True)], None)
         batch.clear()
 
-    for path, error in expand_paths(args.paths):
+    for path, error in expand_paths(cfg.paths):
         tensor = None
         if error is None:
             try:
@@ -213,7 +211,7 @@ def run_predict(args) -> int:
                 error = f"cannot decode: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}"
         failures += error is not None
         batch.append((path, tensor, error))
-        if len(batch) >= args.batch_size:
+        if len(batch) >= cfg.batch_size:
             flush()
     flush()
     if failures:

@@ -2,4 +2,7 @@
 # Throughput sweep (batch sizes x precisions, train and inference) written under benchmarks/results/<device>/.
 # Environment: ARCH (default mobilenet_v1), BATCH_SIZES, PRECISIONS, MODES; extra arguments pass to
 # `convnets benchmark`, e.g. --width-mult 0.5 --image-size 160.
-exec "$(dirname "$0")/../common/benchmark_sweep.sh" "${ARCH:-mobilenet_v1}" "$@"
+# A machine with an NVIDIA driver trains on CUDA or stops saying why (e.g. a driver too old for this torch build),
+# never silently on the CPU; a CPU-only machine runs on the CPU. A later --device in "$@" wins.
+device=auto; [[ -e /proc/driver/nvidia/version || -e /dev/nvidia0 ]] && device=cuda
+exec "$(dirname "$0")/../common/benchmark_sweep.sh" "${ARCH:-mobilenet_v1}" --device "$device" "$@"

@@ -2,4 +2,7 @@
 # MobileNet v1 on 8 GPUs of one node (torchrun, one process per GPU; gloo on a CPU-only machine).
 # 32 images per GPU, lr 0.045 per 256 images: torchvision's MobileNetV2 recipe at its global batch of 256.
 # --profile mobilenet_v3_large: 128 per GPU, RMSprop lr 0.064 at 1024. Extra arguments pass through.
-exec "$(dirname "$0")/../common/launch.sh" 8 train --preset "$(dirname "$0")/preset.toml" "$@"
+# A machine with an NVIDIA driver trains on CUDA or stops saying why (e.g. a driver too old for this torch build),
+# never silently on the CPU; a CPU-only machine runs on the CPU. A later --device in "$@" wins.
+device=auto; [[ -e /proc/driver/nvidia/version || -e /dev/nvidia0 ]] && device=cuda
+exec "$(dirname "$0")/../common/launch.sh" 8 train --device "$device" --preset "$(dirname "$0")/preset.toml" "$@"

@@ -1,4 +1,7 @@
 #!/usr/bin/env bash
 # ResNet-50 v1.5 on several nodes: NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT from the environment
 # (Slurm, Kubernetes), NPROC_PER_NODE processes per node (default 8). Extra arguments pass through.
-exec "$(dirname "$0")/../common/launch.sh" "${NPROC_PER_NODE:-8}" train --preset "$(dirname "$0")/preset.toml" "$@"
+# A machine with an NVIDIA driver trains on CUDA or stops saying why (e.g. a driver too old for this torch build),
+# never silently on the CPU; a CPU-only machine runs on the CPU. A later --device in "$@" wins.
+device=auto; [[ -e /proc/driver/nvidia/version || -e /dev/nvidia0 ]] && device=cuda
+exec "$(dirname "$0")/../common/launch.sh" "${NPROC_PER_NODE:-8}" train --device "$device" --preset "$(dirname "$0")/preset.toml" "$@"

@@ -3,4 +3,7 @@
 # (Slurm, Kubernetes), NPROC_PER_NODE processes per node (default 8). Extra arguments pass through.
 # Heavy: 138.4M parameters, 15.5 G multiply-adds per 224x224 image, 3.8x ResNet-50 (note below).
 export RECIPE_NOTE="$(cat "$(dirname "$0")/NOTE")"  # shown above --help
-exec "$(dirname "$0")/../common/launch.sh" "${NPROC_PER_NODE:-8}" train --preset "$(dirname "$0")/preset.toml" "$@"
+# A machine with an NVIDIA driver trains on CUDA or stops saying why (e.g. a driver too old for this torch build),
+# never silently on the CPU; a CPU-only machine runs on the CPU. A later --device in "$@" wins.
+device=auto; [[ -e /proc/driver/nvidia/version || -e /dev/nvidia0 ]] && device=cuda
+exec "$(dirname "$0")/../common/launch.sh" "${NPROC_PER_NODE:-8}" train --device "$device" --preset "$(dirname "$0")/preset.toml" "$@"
