@@ -192,8 +192,13 @@ def create_app(cfg: ServeConfig, runtime=None) -> FastAPI:
 
 def serve(cfg: ServeConfig) -> None:
     """Run the server until SIGINT/SIGTERM; requests in flight are answered before it exits."""
+    import signal
+
     import uvicorn
 
     app = create_app(cfg.check())
+    # uvicorn drains on SIGTERM, then re-raises the signal under the handler it found: with Python's default one
+    # the process would die with -15 after a clean shutdown. A requested stop is a success (exit 0).
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     # access_log off: one line per request costs throughput; /metrics counts them instead.
     uvicorn.run(app, host=cfg.host, port=cfg.port, access_log=False, log_level="info", timeout_graceful_shutdown=30)

@@ -153,10 +153,13 @@ class ImageDecoder:
             # Image.open reads only the header: refuse a decompression bomb before any pixel is decoded.
             with Image.open(io.BytesIO(data)) as im:
                 width, height = im.size
-        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+        except Image.DecompressionBombError as e:
+            raise ValueError(f"refused as a decompression bomb: {e}") from None
+        except (UnidentifiedImageError, OSError) as e:
             raise ValueError(f"the bytes are not an image PIL can read ({str(e)[:120]})") from None
         if width * height > self.max_pixels:
-            raise ValueError(f"image claims {width}x{height} pixels, more than the limit of {self.max_pixels}")
+            raise ValueError(f"image claims {width}x{height} pixels, more than --max-image-pixels {self.max_pixels}: "
+                             "refused as a possible decompression bomb")  # fmt: skip
         try:
             image = load_rgb(io.BytesIO(data))
         except Exception as e:  # noqa: BLE001 - a truncated or corrupt file: tell the client, keep serving
