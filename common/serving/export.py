@@ -3,6 +3,7 @@ its class names and preprocessing (convnets.json, labels.txt), and optionally a 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import logging
@@ -40,7 +41,8 @@ def onnx_bytes(model: torch.nn.Module, meta: ModelMetadata, opset: int = 18, max
     model = model.cpu().eval()
     batch = torch.export.Dim("batch", min=1, max=max(2, max_batch_size))
     buffer = io.BytesIO()
-    with warnings.catch_warnings():
+    # The exporter and its optimiser print progress lines on stdout: keep them out of the user's output.
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(model, (_example(meta),), input_names=[meta.input_name],
                                     output_names=[meta.output_name], dynamic_shapes=({0: batch},),
@@ -108,12 +110,13 @@ def export_model(cfg: ExportConfig) -> Path:
         else:
             _write_bytes(path, _tensorrt_engine(data, meta, cfg.max_batch_size))
     elif cfg.format == "torchscript":
+        # TorchScript is deprecated in favour of torch.export, but it is what Triton's PyTorch backend loads.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             scripted = torch.jit.trace(model, _example(meta))
-        _compare(scripted(x).detach().numpy(), model(x).detach().numpy(), "TorchScript", cfg.tolerance)
-        buffer = io.BytesIO()
-        torch.jit.save(scripted, buffer, _extra_files={METADATA_FILE: meta.to_json()})
+            _compare(scripted(x).detach().numpy(), model(x).detach().numpy(), "TorchScript", cfg.tolerance)
+            buffer = io.BytesIO()
+            torch.jit.save(scripted, buffer, _extra_files={METADATA_FILE: meta.to_json()})
         _write_bytes(path, buffer.getvalue())
     else:
         batch = torch.export.Dim("batch", min=1, max=max(2, cfg.max_batch_size))
