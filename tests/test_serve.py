@@ -335,7 +335,7 @@ def test_page_shows_top5_bars_in_a_browser(server, reference, tmp_path):
 def test_sigterm_answers_requests_in_flight(checkpoint, reference):
     """Requests waiting in the batcher's queue when SIGTERM arrives are answered; the process exits 0."""
     _, probs = reference
-    proc, url, log = start_server(checkpoint, "--max-batch-size", "64", "--max-queue-delay-ms", "1500")
+    proc, url, log = start_server(checkpoint, "--max-batch-size", "64", "--max-queue-delay-ms", "4000")
     x = np.random.default_rng(3).standard_normal((6, 3, 32, 32)).astype(np.float32)
     results = [None] * len(x)
 
@@ -346,7 +346,11 @@ def test_sigterm_answers_requests_in_flight(checkpoint, reference):
     threads = [threading.Thread(target=send, args=(i,)) for i in range(len(x))]
     for t in threads:
         t.start()
-    time.sleep(0.7)  # all six are queued: the batch closes only after 1.5 s
+    deadline = time.time() + 30
+    while _metric(url, "convnets_inference_requests_total") < len(x) and time.time() < deadline:
+        time.sleep(0.05)
+    # All six received, none run yet: the batch closes 4 s after the first one arrived.
+    assert _metric(url, "convnets_batch_size_count") == 0
     proc.send_signal(signal.SIGTERM)
     for t in threads:
         t.join(30)

@@ -108,7 +108,10 @@ def export_model(cfg: ExportConfig) -> Path:
         if cfg.format == "onnx":
             _write_bytes(path, data)
         else:
-            _write_bytes(path, _tensorrt_engine(data, meta, cfg.max_batch_size))
+            engine = _tensorrt_engine(data, meta, cfg.max_batch_size)
+            # fp16 weights and activations: probabilities move by up to about 1e-3, so the bar is looser.
+            _check_tensorrt(engine, model, meta, max(cfg.tolerance, 1e-2))
+            _write_bytes(path, engine)
     elif cfg.format == "torchscript":
         # TorchScript is deprecated in favour of torch.export, but it is what Triton's PyTorch backend loads.
         with warnings.catch_warnings():
@@ -227,3 +230,24 @@ def _tensorrt_engine(onnx_data: bytes, meta: ModelMetadata, max_batch_size: int)
     if engine is None:
         raise UserError("TensorRT could not build an engine from the ONNX export (see its log above)")
     return bytes(engine)
+
+
+def _check_tensorrt(engine_data: bytes, model: torch.nn.Module, meta: ModelMetadata, tolerance: float) -> float:
+    """The engine against PyTorch on a batch of 3, with torch's CUDA tensors as the engine's buffers."""
+    import tensorrt as trt
+
+    engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(engine_data)
+    context = engine.create_execution_context()
+    x = _example(meta, 3)
+    inputs = x.cuda().contiguous()
+    outputs = torch.empty(len(x), len(meta.classes), device="cuda", dtype=torch.float32)
+    context.set_input_shape(meta.input_name, tuple(inputs.shape))
+    context.set_tensor_address(meta.input_name, inputs.data_ptr())
+    context.set_tensor_address(meta.output_name, outputs.data_ptr())
+    stream = torch.cuda.current_stream()
+    if not context.execute_async_v3(stream.cuda_stream):
+        raise UserError("TensorRT could not run the engine it built")
+    stream.synchronize()
+    with torch.inference_mode():
+        want = model.cpu()(x).numpy()
+    return _compare(outputs.cpu().numpy(), want, "TensorRT (fp16)", tolerance)
