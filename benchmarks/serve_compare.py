@@ -20,6 +20,7 @@ import io
 import json
 import os
 import platform
+import signal
 import socket
 import statistics
 import subprocess
@@ -168,11 +169,30 @@ def mean_batch(url: str) -> float | None:
     return values.get("convnets_batch_size_sum", 0) / count if count else None
 
 
+def stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the server's whole process group, then SIGKILL what is left: LitServe's API-server and inference
+    worker processes outlive their parent, and idle ones would still load the machine for the next server."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        pass
+    except ProcessLookupError:
+        return
+    time.sleep(1)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
 def run_one(name: str, command: list[str], model: str, args, workdir: Path) -> dict:
     port = free_port()
     log = workdir / f"{name}.log"
     proc = subprocess.Popen(command + [str(port)] if name == "litserve" else command + ["--port", str(port)],
-                            cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT)  # fmt: skip
+                            cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)  # fmt: skip
     url = f"127.0.0.1:{port}"
     try:
         wait_ready(proc, url, log)
@@ -184,11 +204,7 @@ def run_one(name: str, command: list[str], model: str, args, workdir: Path) -> d
             lines = [line for line in log.read_text().splitlines() if line.startswith("litserve mean batch size")]
             result["mean_batch_size"] = float(lines[-1].split()[4]) if lines else None
     finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_group(proc)
     print(f"{name}: {json.dumps(result)}", flush=True)
     return result
 
