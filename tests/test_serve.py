@@ -254,12 +254,13 @@ BAD_REQUESTS = {
     "truncated-image": (lambda: _image_request(image_bytes(0)[:80]), 400, "cannot decode"),
     "decompression-bomb": (lambda: _image_request(png_header(3000, 3000)), 400, "3000x3000 pixels"),
     "huge-bomb": (lambda: _image_request(png_header(60000, 60000)), 400, "decompression bomb"),
+    "thin-strip": (lambda: _image_request(png_header(1, 100_000)), 400, "once its shorter side is resized to 36"),
+    "zero-pixels": (lambda: _image_request(png_header(0, 10)), 400, "image"),
     "binary-size-lies": (
         lambda: (_image_request(image_bytes(0))[0][:-10], _image_request(image_bytes(0))[1]),
         400,
         "binary_data_size",
     ),  # fmt: skip
-    "body-over-limit": (lambda: (b"x" * (1024 * 1024 + 10), {}), 413, "--max-body-mb"),
 }
 
 
@@ -274,6 +275,24 @@ def test_bad_input_gets_4xx_and_server_keeps_serving(server, case):
     assert _metric(server, "convnets_inference_failures_total", f'code="{status}"') == before + 1
     ok, _ = post(server, _tensor_request())
     assert ok == 200
+
+
+def test_body_over_limit_refused_before_it_is_read(server):
+    """413 from the declared Content-Length alone: the server does not wait for (or buffer) a 2 MB body."""
+    host, port = server.split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: {server}\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {2 * 1024 * 1024}\r\n\r\n".encode())  # fmt: skip
+        reply = b""
+        while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413"), reply
+    assert "--max-body-mb" in json.loads(body)["error"]
+    assert post(server, _tensor_request())[0] == 200
 
 
 def test_unknown_model_and_route(server):

@@ -141,7 +141,7 @@ class ImageDecoder:
         self.normalize = Normalizer(torch.device("cpu"), channels_last=False)
         self.normalize.mean = torch.tensor(meta.mean).view(1, 3, 1, 1) * 255
         self.normalize.std = torch.tensor(meta.std).view(1, 3, 1, 1) * 255
-        self.max_pixels = max_pixels
+        self.max_pixels, self.resize_size = max_pixels, meta.resize_size
 
     def __call__(self, data: bytes) -> np.ndarray:
         """Raises ValueError with a message for the client when ``data`` is no usable image."""
@@ -155,11 +155,20 @@ class ImageDecoder:
                 width, height = im.size
         except Image.DecompressionBombError as e:
             raise ValueError(f"refused as a decompression bomb: {e}") from None
-        except (UnidentifiedImageError, OSError) as e:
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
             raise ValueError(f"the bytes are not an image PIL can read ({str(e)[:120]})") from None
+        if min(width, height) < 1:
+            raise ValueError(f"image of {width}x{height} has no pixels")
         if width * height > self.max_pixels:
             raise ValueError(f"image claims {width}x{height} pixels, more than --max-image-pixels {self.max_pixels}: "
                              "refused as a possible decompression bomb")  # fmt: skip
+        # A thin strip is small, but resizing its shorter side up to the eval size would make it enormous.
+        resized = self.resize_size**2 * max(width, height) / min(width, height)
+        if resized > self.max_pixels:
+            raise ValueError(
+                f"image of {width}x{height} would have {resized:.3g} pixels once its shorter side "
+                f"is resized to {self.resize_size}: over --max-image-pixels {self.max_pixels}"
+            )
         try:
             image = load_rgb(io.BytesIO(data))
         except Exception as e:  # noqa: BLE001 - a truncated or corrupt file: tell the client, keep serving
