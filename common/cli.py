@@ -103,6 +103,22 @@ def cmd_prepare(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from common.serving.config import ExportConfig
+    from common.serving.export import export_model
+
+    export_model(config.resolve(ExportConfig, _cli_values(args, ExportConfig)).check())
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from common.serving.app import serve
+    from common.serving.config import ServeConfig
+
+    serve(config.resolve(ServeConfig, _cli_values(args, ServeConfig)).check())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="convnets", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -134,6 +150,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="build an ImageFolder tree from a data set, or check one for bad files")
     config.add_arguments(p, config.PrepareConfig)
     p.set_defaults(func=cmd_prepare)
+
+    from common.serving.config import ExportConfig, ServeConfig  # dataclasses only: no web or ONNX import here
+
+    p = sub.add_parser(
+        "export", help="a checkpoint to ONNX, TorchScript, torch.export or TensorRT (+ Triton repository)"
+    )
+    config.add_arguments(p, ExportConfig)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", help="a KServe v2 HTTP server with dynamic batching, metrics and a web page")
+    config.add_arguments(p, ServeConfig)
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

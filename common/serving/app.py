@@ -1,0 +1,204 @@
+"""The KServe v2 HTTP server: FastAPI routes over a runtime, a dynamic batcher, an image-decoding thread pool
+and Prometheus metrics; ``serve`` runs it under uvicorn (whose SIGTERM handling drains requests in flight)."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import html
+import logging
+import time
+from contextlib import asynccontextmanager
+from importlib import resources
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException
+
+from common.serving.batcher import DynamicBatcher
+from common.serving.config import ServeConfig
+from common.serving.metrics import ServerMetrics
+from common.serving.model import ImageDecoder, load_runtime
+from common.serving.protocol import IMAGE_INPUT, OUTPUTS, PROBABILITIES, ProtocolError, build_response, parse_infer
+
+log = logging.getLogger("convnets")
+
+
+def _error(message: str, status: int) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it passes ``limit`` (Content-Length can be absent or lie)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise ProtocolError(f"request body of {int(declared)} bytes is over --max-body-mb ({limit} bytes)", 413)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ProtocolError(f"request body is over --max-body-mb ({limit} bytes)", 413)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(cfg: ServeConfig, runtime=None) -> FastAPI:
+    """The ASGI app serving ``runtime`` (loaded from ``cfg`` when not given)."""
+    runtime = runtime or load_runtime(cfg.checkpoint, cfg.model_dir, cfg.runtime, cfg.device)
+    meta = runtime.meta
+    name = cfg.model_name or meta.arch
+    metrics = ServerMetrics(cfg.max_batch_size)
+    decoder = ImageDecoder(meta, cfg.max_image_pixels)
+    decode_pool = concurrent.futures.ThreadPoolExecutor(cfg.workers, thread_name_prefix="decode")
+    body_limit = int(cfg.max_body_mb * 1024 * 1024)
+
+    def on_batch(size: int, queue_times: list[float]) -> None:
+        metrics.batch_size.labels(name).observe(size)
+        for t in queue_times:
+            metrics.queue_time.labels(name).observe(t)
+
+    batcher = DynamicBatcher(runtime, cfg.max_batch_size, cfg.max_queue_delay_ms / 1000, on_batch)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        runtime(np.zeros((1, 3, meta.image_size, meta.image_size), np.float32))  # warm up before reporting ready
+        batcher.start()
+        app.state.ready = True
+        log.info("serving model %r (%s, %s, %d classes, input 3x%dx%d) at http://%s:%d/  batch <= %d, delay %g ms",
+                 name, meta.arch, runtime.name, len(meta.classes), meta.image_size, meta.image_size, cfg.host,
+                 cfg.port, cfg.max_batch_size, cfg.max_queue_delay_ms)  # fmt: skip
+        yield
+        # uvicorn calls this after the requests in flight have been answered (graceful shutdown on SIGTERM).
+        app.state.ready = False
+        await batcher.stop()
+        decode_pool.shutdown(wait=True)
+        log.info("server stopped")
+
+    app = FastAPI(title="convnets KServe v2 server", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.ready = False
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        return _error(str(exc.detail), exc.status_code)
+
+    @app.exception_handler(ProtocolError)
+    async def protocol_error(request: Request, exc: ProtocolError):
+        return _error(str(exc), exc.status)
+
+    def check_model(model: str) -> None:
+        if model != name:
+            raise ProtocolError(f"unknown model {model!r}: this server serves {name!r}", 404)
+
+    @app.get("/v2/health/live")
+    async def live():
+        return {"live": True}
+
+    @app.get("/v2/health/ready")
+    async def ready():
+        return JSONResponse({"ready": app.state.ready}, status_code=200 if app.state.ready else 503)
+
+    @app.get("/v2")
+    async def server_metadata():
+        return {"name": "convnets", "version": "1", "extensions": ["binary_tensor_data"]}
+
+    @app.get("/v2/models/{model}")
+    @app.get("/v2/models/{model}/versions/{version}")
+    async def model_metadata(model: str, version: str = "1"):
+        check_model(model)
+        s = meta.image_size
+        return {
+            "name": name,
+            "versions": ["1"],
+            "platform": runtime.name,
+            "inputs": [
+                {"name": "input", "datatype": "FP32", "shape": [-1, 3, s, s]},
+                {"name": IMAGE_INPUT, "datatype": "BYTES", "shape": [-1]},
+            ],
+            "outputs": [
+                {"name": PROBABILITIES, "datatype": "FP32", "shape": [-1, len(meta.classes)]},
+                {"name": OUTPUTS[1], "datatype": "BYTES", "shape": [-1, -1]},
+                {"name": OUTPUTS[2], "datatype": "FP32", "shape": [-1, -1]},
+            ],
+            "parameters": {
+                "classes": meta.classes,
+                "preprocessing": {"resize": meta.resize_size, "crop": s, "mean": meta.mean, "std": meta.std},
+                "max_batch_size": cfg.max_batch_size,
+            },
+        }
+
+    @app.get("/v2/models/{model}/ready")
+    @app.get("/v2/models/{model}/versions/{version}/ready")
+    async def model_ready(model: str, version: str = "1"):
+        check_model(model)
+        return JSONResponse({"name": name, "ready": app.state.ready}, status_code=200 if app.state.ready else 503)
+
+    @app.post("/v2/models/{model}/infer")
+    @app.post("/v2/models/{model}/versions/{version}/infer")
+    async def infer(model: str, request: Request, version: str = "1"):
+        started = time.perf_counter()
+        label = name if model == name else "(unknown)"
+        metrics.requests.labels(label).inc()
+        try:
+            check_model(model)
+            body = await _read_body(request, body_limit)
+            parsed = parse_infer(body, request.headers.get("inference-header-content-length"), meta.image_size,
+                                 len(meta.classes), cfg.top_k)  # fmt: skip
+            if parsed.kind == "images":
+                loop = asyncio.get_running_loop()
+                decoded = await asyncio.gather(
+                    *(loop.run_in_executor(decode_pool, decoder, b) for b in parsed.images), return_exceptions=True
+                )
+                for i, d in enumerate(decoded):
+                    if isinstance(d, ValueError):
+                        where = f"image {i}: " if len(decoded) > 1 else ""
+                        raise ProtocolError(f"input 'image': {where}{d}")
+                    if isinstance(d, BaseException):
+                        raise d
+                batch = np.stack(decoded)
+            else:
+                batch = parsed.tensor
+            probs = await batcher.submit(batch)
+            content, header_length = build_response(name, parsed, probs, meta.classes)
+        except ProtocolError as e:
+            metrics.failures.labels(label, str(e.status)).inc()
+            return _error(str(e), e.status)
+        except Exception:
+            metrics.failures.labels(label, "500").inc()
+            log.exception("inference failed")
+            return _error("internal error while running the model (see the server log)", 500)
+        metrics.latency.labels(name).observe(time.perf_counter() - started)
+        if header_length is None:
+            return Response(content, media_type="application/json")
+        headers = {"Inference-Header-Content-Length": str(header_length)}
+        return Response(content, media_type="application/octet-stream", headers=headers)
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    page = resources.files("common.serving").joinpath("page.html").read_text()
+    page = page.replace("{{MODEL}}", html.escape(name)).replace(
+        "{{TITLE}}", html.escape(f"{name} ({meta.arch}, {len(meta.classes)} classes)")
+    )
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index():
+        return page
+
+    return app
+
+
+def serve(cfg: ServeConfig) -> None:
+    """Run the server until SIGINT/SIGTERM; requests in flight are answered before it exits."""
+    import signal
+
+    import uvicorn
+
+    app = create_app(cfg.check())
+    # uvicorn drains on SIGTERM, then re-raises the signal under the handler it found: with Python's default one
+    # the process would die with -15 after a clean shutdown. A requested stop is a success (exit 0).
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    # access_log off: one line per request costs throughput; /metrics counts them instead.
+    uvicorn.run(app, host=cfg.host, port=cfg.port, access_log=False, log_level="info", timeout_graceful_shutdown=30)

@@ -1,0 +1,62 @@
+"""Typed options of ``convnets export`` and ``convnets serve`` (turned into argparse by common.config)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from common.config import opt
+from common.errors import UserError
+
+EXPORT_FORMATS = ("onnx", "torchscript", "exported-program", "tensorrt")
+RUNTIMES = ("torch", "onnxruntime")
+
+
+@dataclass
+class ExportConfig:
+    checkpoint: str | None = opt(None, "training checkpoint to export (required)")
+    format: str = opt("onnx", "what to write", EXPORT_FORMATS)
+    out: str | None = opt(None, "folder for the model file, convnets.json and labels.txt (required)")
+    triton_repo: str | None = opt(None, "also write an NVIDIA Triton model repository here")
+    model_name: str | None = opt(None, "model name in the Triton repository (default: the checkpoint's arch)")
+    max_batch_size: int = opt(64, "largest batch: Triton's max_batch_size and the top of TensorRT's profile")
+    max_queue_delay_ms: float = opt(2.0, "Triton dynamic_batching queue delay")
+    opset: int = opt(18, "ONNX opset")
+    tolerance: float = opt(1e-3, "largest absolute difference of probabilities allowed between PyTorch and the export")
+
+    def check(self) -> ExportConfig:
+        if not self.checkpoint:
+            raise UserError("export needs --checkpoint FILE")
+        if not self.out:
+            raise UserError("export needs --out DIR")
+        if self.max_batch_size < 1:
+            raise UserError(f"--max-batch-size must be at least 1, got {self.max_batch_size}")
+        return self
+
+
+@dataclass
+class ServeConfig:
+    checkpoint: str | None = opt(None, "training checkpoint to serve")
+    model_dir: str | None = opt(None, "or an export folder (onnx or torchscript) written by `convnets export`")
+    model_name: str | None = opt(None, "name in the URLs /v2/models/NAME (default: the checkpoint's arch)")
+    runtime: str = opt("torch", "what runs the model (onnxruntime exports the checkpoint to ONNX at start-up)",
+                       RUNTIMES)  # fmt: skip
+    device: str | None = opt(None, "cpu, cuda, cuda:1 ... for the torch runtime (default: cuda when available)")
+    host: str = opt("127.0.0.1", "address to listen on (0.0.0.0 in a container)")
+    port: int = opt(8000, "TCP port")
+    max_batch_size: int = opt(32, "largest batch the dynamic batcher gathers (1: no batching)")
+    max_queue_delay_ms: float = opt(5.0, "longest a request waits for others to join its batch")
+    max_body_mb: float = opt(16.0, "largest request body; larger ones get 413")
+    max_image_pixels: int = opt(40_000_000, "largest decoded image (width x height); larger ones get 400")
+    workers: int = opt(2, "threads decoding and preprocessing image bytes (kept off the event loop)")
+    top_k: int = opt(5, "class names and scores returned per image unless a request asks otherwise")
+
+    def check(self) -> ServeConfig:
+        if bool(self.checkpoint) == bool(self.model_dir):
+            raise UserError("serve needs exactly one of --checkpoint FILE or --model-dir DIR")
+        for name, low in (("max_batch_size", 1), ("workers", 1), ("top_k", 1), ("max_image_pixels", 1), ("port", 0)):
+            if getattr(self, name) < low:
+                raise UserError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
+        for name in ("max_queue_delay_ms", "max_body_mb"):
+            if not getattr(self, name) >= 0:
+                raise UserError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
+        return self

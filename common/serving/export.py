@@ -1,0 +1,253 @@
+"""``convnets export``: a checkpoint to ONNX, TorchScript, a torch.export program or a TensorRT engine, each with
+its class names and preprocessing (convnets.json, labels.txt), and optionally a Triton model repository."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import logging
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.checkpoint import atomic_write_text
+from common.errors import UserError
+from common.serving.config import ExportConfig
+from common.serving.model import LABELS_FILE, METADATA_FILE, ModelMetadata, load_checkpoint_model
+
+log = logging.getLogger("convnets")
+
+MODEL_FILES = {
+    "onnx": "model.onnx",
+    "torchscript": "model.pt",
+    "exported-program": "model.pt2",
+    "tensorrt": "model.plan",
+}
+# Triton's PyTorch (libtorch) backend maps tensors to TorchScript arguments by the `<name>__<index>` convention.
+TORCHSCRIPT_NAMES = ("input__0", "probabilities__0")
+TRITON_PLATFORMS = {"onnx": "onnxruntime_onnx", "torchscript": "pytorch_libtorch", "tensorrt": "tensorrt_plan"}
+
+
+def _example(meta: ModelMetadata, batch: int = 2) -> torch.Tensor:
+    return torch.randn(batch, 3, meta.image_size, meta.image_size)
+
+
+def onnx_bytes(model: torch.nn.Module, meta: ModelMetadata, opset: int = 18, max_batch_size: int = 1024) -> bytes:
+    """The model as ONNX with a dynamic batch axis (torch.onnx's dynamo exporter)."""
+    model = model.cpu().eval()
+    batch = torch.export.Dim("batch", min=1, max=max(2, max_batch_size))
+    buffer = io.BytesIO()
+    # The exporter and its optimiser print progress lines on stdout: keep them out of the user's output.
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(model, (_example(meta),), input_names=[meta.input_name],
+                                    output_names=[meta.output_name], dynamic_shapes=({0: batch},),
+                                    opset_version=opset, dynamo=True, verbose=False)  # fmt: skip
+    program.save(buffer)
+    return buffer.getvalue()
+
+
+def check_onnx(data: bytes, model: torch.nn.Module, meta: ModelMetadata, tolerance: float) -> float:
+    """ONNX Runtime against PyTorch on one batch (of 3, not the traced 2, to prove the batch axis is dynamic)."""
+    import onnx
+    import onnxruntime as ort
+
+    onnx.checker.check_model(onnx.load_from_string(data))
+    x = _example(meta, 3)
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    got = session.run([meta.output_name], {meta.input_name: x.numpy()})[0]
+    with torch.inference_mode():
+        want = model.cpu()(x).numpy()
+    return _compare(got, want, "ONNX Runtime", tolerance)
+
+
+def _compare(got: np.ndarray, want: np.ndarray, what: str, tolerance: float) -> float:
+    diff = float(np.abs(got - want).max())
+    log.info("%s vs PyTorch on a batch of %d: largest absolute difference %.3g", what, len(want), diff)
+    if not diff <= tolerance:
+        raise UserError(
+            f"{what} differs from PyTorch by {diff:.3g} (more than --tolerance {tolerance}): export refused"
+        )
+    return diff
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def export_model(cfg: ExportConfig) -> Path:
+    """Write the export folder (and the Triton repository when asked); returns the model file."""
+    cfg.check()
+    if cfg.triton_repo and cfg.format not in TRITON_PLATFORMS:
+        raise UserError(
+            f"--triton-repo takes onnx, torchscript or tensorrt exports (Triton has no {cfg.format} backend)"
+        )
+    if cfg.format == "tensorrt":
+        missing = _tensorrt_missing()
+        if missing:
+            raise UserError(f"TensorRT export needs {missing}")
+    model, meta = load_checkpoint_model(cfg.checkpoint, torch.device("cpu"))
+    model = model.to(memory_format=torch.contiguous_format)
+    if cfg.format == "torchscript":
+        meta.input_name, meta.output_name = TORCHSCRIPT_NAMES
+    meta = dataclasses.replace(meta, format=cfg.format, model_file=MODEL_FILES[cfg.format], channels_last=False)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / MODEL_FILES[cfg.format]
+    x = _example(meta, 3)
+
+    if cfg.format in ("onnx", "tensorrt"):
+        data = onnx_bytes(model, meta, cfg.opset, cfg.max_batch_size)
+        check_onnx(data, model, meta, cfg.tolerance)
+        if cfg.format == "onnx":
+            _write_bytes(path, data)
+        else:
+            engine = _tensorrt_engine(data, meta, cfg.max_batch_size)
+            # fp16 weights and activations: probabilities move by up to about 1e-3, so the bar is looser.
+            _check_tensorrt(engine, model, meta, max(cfg.tolerance, 1e-2))
+            _write_bytes(path, engine)
+    elif cfg.format == "torchscript":
+        # TorchScript is deprecated in favour of torch.export, but it is what Triton's PyTorch backend loads.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            scripted = torch.jit.trace(model, _example(meta))
+            _compare(scripted(x).detach().numpy(), model(x).detach().numpy(), "TorchScript", cfg.tolerance)
+            buffer = io.BytesIO()
+            torch.jit.save(scripted, buffer, _extra_files={METADATA_FILE: meta.to_json()})
+        _write_bytes(path, buffer.getvalue())
+    else:
+        batch = torch.export.Dim("batch", min=1, max=max(2, cfg.max_batch_size))
+        program = torch.export.export(model, (_example(meta),), dynamic_shapes=({0: batch},))
+        with torch.inference_mode():
+            _compare(program.module()(x).numpy(), model(x).numpy(), "torch.export program", cfg.tolerance)
+        buffer = io.BytesIO()
+        torch.export.save(program, buffer, extra_files={METADATA_FILE: meta.to_json()})
+        _write_bytes(path, buffer.getvalue())
+
+    atomic_write_text(out / METADATA_FILE, meta.to_json())
+    atomic_write_text(out / LABELS_FILE, "".join(f"{c}\n" for c in meta.classes))
+    log.info("wrote %s (%s, %d classes, input %s 3x%dx%d) with %s and %s", path, cfg.format, len(meta.classes),
+             meta.input_name, meta.image_size, meta.image_size, METADATA_FILE, LABELS_FILE)  # fmt: skip
+    if cfg.triton_repo:
+        write_triton_repo(Path(cfg.triton_repo), cfg.model_name or meta.arch, path, meta, cfg)
+    return path
+
+
+def triton_config(name: str, meta: ModelMetadata, fmt: str, max_batch_size: int, queue_delay_ms: float) -> str:
+    """config.pbtxt: names, types and dims (batch axis implied by max_batch_size), dynamic batching, instances."""
+    # KIND_AUTO puts the instance on a GPU when Triton has one and on the CPU otherwise; a TensorRT engine needs a GPU.
+    kind = "KIND_GPU" if fmt == "tensorrt" else "KIND_AUTO"
+    s = meta.image_size
+    return f"""name: "{name}"
+platform: "{TRITON_PLATFORMS[fmt]}"
+max_batch_size: {max_batch_size}
+input [
+  {{
+    name: "{meta.input_name}"
+    data_type: TYPE_FP32
+    format: FORMAT_NCHW
+    dims: [ 3, {s}, {s} ]
+  }}
+]
+output [
+  {{
+    name: "{meta.output_name}"
+    data_type: TYPE_FP32
+    dims: [ {len(meta.classes)} ]
+    label_filename: "{LABELS_FILE}"
+  }}
+]
+dynamic_batching {{
+  max_queue_delay_microseconds: {round(queue_delay_ms * 1000)}
+}}
+instance_group [
+  {{
+    count: 1
+    kind: {kind}
+  }}
+]
+"""
+
+
+def write_triton_repo(repo: Path, name: str, model_file: Path, meta: ModelMetadata, cfg: ExportConfig) -> Path:
+    """``repo/<name>/{config.pbtxt, labels.txt, convnets.json, 1/<model file>}``: `tritonserver --model-repository`."""
+    folder = repo / name
+    (folder / "1").mkdir(parents=True, exist_ok=True)
+    tmp = folder / "1" / f".{model_file.name}.tmp"
+    shutil.copyfile(model_file, tmp)
+    tmp.replace(folder / "1" / model_file.name)
+    atomic_write_text(folder / "config.pbtxt",
+                      triton_config(name, meta, cfg.format, cfg.max_batch_size, cfg.max_queue_delay_ms))  # fmt: skip
+    atomic_write_text(folder / LABELS_FILE, "".join(f"{c}\n" for c in meta.classes))
+    # Not read by Triton: tells a client the resize, crop, mean and std the model expects.
+    atomic_write_text(folder / METADATA_FILE, meta.to_json())
+    log.info("wrote Triton model repository %s (model %s): tritonserver --model-repository %s", repo, name, repo)
+    return folder
+
+
+def _tensorrt_missing() -> str | None:
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return "the `tensorrt` Python package (pip install tensorrt), which is not installed"
+    if not torch.cuda.is_available():
+        return "a CUDA GPU, and none is visible"
+    return None
+
+
+def _tensorrt_engine(onnx_data: bytes, meta: ModelMetadata, max_batch_size: int) -> bytes:
+    """An fp16 engine with one optimisation profile over batch sizes 1 .. max_batch_size."""
+    import tensorrt as trt
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    # Explicit batch is the only mode from TensorRT 10 on; older versions need the flag.
+    flags = (
+        0 if int(trt.__version__.split(".")[0]) >= 10 else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    )
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(onnx_data):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise UserError(f"TensorRT cannot parse the ONNX export: {errors}")
+    config = builder.create_builder_config()
+    if builder.platform_has_fast_fp16:
+        config.set_flag(trt.BuilderFlag.FP16)
+    else:
+        log.info("this GPU has no fast fp16: the TensorRT engine stays fp32")
+    s = meta.image_size
+    profile = builder.create_optimization_profile()
+    opt = max(1, max_batch_size // 2)
+    profile.set_shape(meta.input_name, (1, 3, s, s), (opt, 3, s, s), (max_batch_size, 3, s, s))
+    config.add_optimization_profile(profile)
+    engine = builder.build_serialized_network(network, config)
+    if engine is None:
+        raise UserError("TensorRT could not build an engine from the ONNX export (see its log above)")
+    return bytes(engine)
+
+
+def _check_tensorrt(engine_data: bytes, model: torch.nn.Module, meta: ModelMetadata, tolerance: float) -> float:
+    """The engine against PyTorch on a batch of 3, with torch's CUDA tensors as the engine's buffers."""
+    import tensorrt as trt
+
+    engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(engine_data)
+    context = engine.create_execution_context()
+    x = _example(meta, 3)
+    inputs = x.cuda().contiguous()
+    outputs = torch.empty(len(x), len(meta.classes), device="cuda", dtype=torch.float32)
+    context.set_input_shape(meta.input_name, tuple(inputs.shape))
+    context.set_tensor_address(meta.input_name, inputs.data_ptr())
+    context.set_tensor_address(meta.output_name, outputs.data_ptr())
+    stream = torch.cuda.current_stream()
+    if not context.execute_async_v3(stream.cuda_stream):
+        raise UserError("TensorRT could not run the engine it built")
+    stream.synchronize()
+    with torch.inference_mode():
+        want = model.cpu()(x).numpy()
+    return _compare(outputs.cpu().numpy(), want, "TensorRT (fp16)", tolerance)

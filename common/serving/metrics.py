@@ -1,0 +1,23 @@
+"""Prometheus metrics of the server, in a registry of their own (one per app, so tests can build several)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class ServerMetrics:
+    def __init__(self, max_batch_size: int):
+        self.registry = CollectorRegistry()
+        self.requests = Counter("convnets_inference_requests", "inference requests received", ["model"],
+                                registry=self.registry)  # fmt: skip
+        self.failures = Counter("convnets_inference_failures", "inference requests answered with an error",
+                                ["model", "code"], registry=self.registry)  # fmt: skip
+        self.latency = Histogram("convnets_inference_latency_seconds", "request latency, body read to response",
+                                 ["model"], buckets=LATENCY_BUCKETS, registry=self.registry)  # fmt: skip
+        self.queue_time = Histogram("convnets_queue_time_seconds", "time a request waited for its batch to start",
+                                    ["model"], buckets=LATENCY_BUCKETS, registry=self.registry)  # fmt: skip
+        sizes = sorted({2**i for i in range(max_batch_size.bit_length())} | {max_batch_size})
+        self.batch_size = Histogram("convnets_batch_size", "rows per forward pass of the dynamic batcher",
+                                    ["model"], buckets=sizes, registry=self.registry)  # fmt: skip
