@@ -40,7 +40,7 @@ class ServeConfig:
     model_name: str | None = opt(None, "name in the URLs /v2/models/NAME (default: the checkpoint's arch)")
     runtime: str = opt("torch", "what runs the model (onnxruntime exports the checkpoint to ONNX at start-up)",
                        RUNTIMES)  # fmt: skip
-    device: str | None = opt(None, "cpu, cuda, cuda:1 ... for the torch runtime (default: cuda when available)")
+    device: str = opt("auto", "auto, cuda, cuda:N or cpu for the torch runtime (auto: a usable GPU, else the CPU)")
     host: str = opt("127.0.0.1", "address to listen on (0.0.0.0 in a container)")
     port: int = opt(8000, "TCP port")
     max_batch_size: int = opt(32, "largest batch the dynamic batcher gathers (1: no batching)")

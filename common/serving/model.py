@@ -107,9 +107,9 @@ class OnnxRuntime:
         return self.session.run([self.meta.output_name], {self.meta.input_name: batch})[0]
 
 
-def load_runtime(checkpoint: str | None, model_dir: str | None, runtime: str, device: str | None):
+def load_runtime(checkpoint: str | None, model_dir: str | None, runtime: str, device: str = "auto"):
     """A callable float32 NCHW batch -> probabilities, with ``.meta`` and ``.name``."""
-    from common.inference import pick_device
+    from common.distributed import resolve_device
 
     if model_dir:
         meta = ModelMetadata.read(Path(model_dir))
@@ -117,10 +117,10 @@ def load_runtime(checkpoint: str | None, model_dir: str | None, runtime: str, de
         if meta.format == "onnx":
             return OnnxRuntime(str(path), meta)
         if meta.format == "torchscript":
-            dev = pick_device(device)
+            dev = resolve_device(device)
             return TorchRuntime(torch.jit.load(str(path), map_location=dev).eval(), meta, dev)
         raise UserError(f"serve --model-dir takes an onnx or torchscript export; {model_dir} holds {meta.format}")
-    dev = pick_device(device if runtime == "torch" else "cpu")
+    dev = resolve_device(device if runtime == "torch" else "cpu")
     model, meta = load_checkpoint_model(checkpoint, dev)
     if runtime == "torch":
         return TorchRuntime(model, meta, dev)
