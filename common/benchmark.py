@@ -165,7 +165,8 @@ def _train_step(model: nn.Module, cfg: BenchmarkConfig, precision: Precision):
     groups, its schedule, a GradScaler for fp16), on the model compiled in ``cfg.compile``'s mode."""
     model.train()
     opt = build_optimization(model, TrainConfig(), lr=0.1, steps_per_epoch=1000, precision=precision)
-    runner = StepRunner(compile_model(model, cfg.compile), nn.CrossEntropyLoss(label_smoothing=0.1), opt, precision)
+    runner = StepRunner(compile_model(model, cfg.compile), nn.CrossEntropyLoss(label_smoothing=0.1), opt, precision,
+                        cuda_graphs=cfg.compile == "reduce-overhead")  # fmt: skip
     return lambda x, y: runner(x, y)
 
 

@@ -151,14 +151,10 @@ class StepRunner:
     """
 
     def __init__(self, model: nn.Module, criterion: nn.Module, optimization: Optimization, precision: Precision,
-                 mixup: float = 0.0):  # fmt: skip
-        self.model, self.criterion, self.opt, self.precision, self.mixup = (
-            model,
-            criterion,
-            optimization,
-            precision,
-            mixup,
-        )
+                 mixup: float = 0.0, cuda_graphs: bool = False):  # fmt: skip
+        self.model, self.criterion, self.opt, self.precision = model, criterion, optimization, precision
+        self.mixup = mixup
+        self.cuda_graphs = cuda_graphs  # the model is compiled with mode="reduce-overhead"
         self.micro_step = 0
 
     @property
@@ -178,6 +174,9 @@ class StepRunner:
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """Run one micro-batch; returns (loss, whether an optimizer step was taken)."""
         opt = self.opt
+        if self.cuda_graphs:
+            # Tells the CUDA graph trees a new iteration starts: the last one's outputs may be overwritten.
+            torch.compiler.cudagraph_mark_step_begin()
         self.micro_step += 1
         boundary = self.micro_step % opt.accumulation == 0
         sync = nullcontext() if boundary or not hasattr(self.model, "no_sync") else self.model.no_sync()
@@ -296,7 +295,8 @@ def batch_metrics(logits: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[t
     topk = logits.topk(k, dim=1).indices
     correct = topk.eq(labels.view(-1, 1))
     loss = F.cross_entropy(logits, labels, reduction="sum")
-    count = torch.tensor(labels.numel(), dtype=torch.float64, device=logits.device)
+    # torch.full fills on the device; torch.tensor(n, device=cuda) would copy from the host and wait for it.
+    count = torch.full((), float(labels.numel()), dtype=torch.float64, device=logits.device)
     sums = torch.stack([loss.double(), correct[:, 0].sum().double(), correct.any(1).sum().double(), count])
     return sums, topk[:, 0]
 
@@ -582,7 +582,7 @@ def train(cfg: TrainConfig) -> dict:
     progress = resume(cfg, ckpts, data.classes, model, opt, rt)
     train_model, eval_model = wrap(model, cfg, rt)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    step = StepRunner(train_model, criterion, opt, precision, cfg.mixup)
+    step = StepRunner(train_model, criterion, opt, precision, cfg.mixup, cuda_graphs=cfg.compile == "reduce-overhead")
 
     logger = RunLogger(plan.output / "log.json", enabled=rt.is_main)
     resolved = write_run_config(cfg, plan, num_classes, rt, logger)
