@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from common import distributed as dist
 from common.builders import build_model, build_optimizer, build_scheduler, load_optimizer_state
@@ -88,6 +89,43 @@ def compile_model(model: nn.Module, mode: str | None) -> nn.Module:
 # One optimizer step
 
 
+class WeightAverage(AveragedModel):
+    """An EMA of the weights and buffers, as ``AveragedModel(use_buffers=True)`` with torch's EMA function keeps
+    it (same updates, same state_dict), except that its update count is mirrored on the host.
+
+    torch's ``update_parameters`` tests ``n_averaged == 0`` and ``> 0`` on the device tensor: two host syncs per
+    optimizer step on a GPU. Here the count is read once (at the first update, and after a checkpoint load).
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        super().__init__(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+        self.updates: int | None = None  # host copy of n_averaged; None: read it at the next update
+
+    def load_state_dict(self, *args, **kwargs):
+        self.updates = None
+        return super().load_state_dict(*args, **kwargs)
+
+    @torch.no_grad()
+    def update_parameters(self, model: nn.Module) -> None:
+        if self.updates is None:
+            self.updates = int(self.n_averaged)
+        averaged = [*self.module.parameters(), *self.module.buffers()]
+        current = [t.detach() for t in (*model.parameters(), *model.buffers())]
+        if self.updates == 0:
+            for own, theirs in zip(averaged, current, strict=True):
+                own.copy_(theirs)
+        else:
+            groups: dict = {}  # torch's EMA function takes tensors of one dtype per call
+            for own, theirs in zip(averaged, current, strict=True):
+                pair = groups.setdefault((own.device, own.dtype), ([], []))
+                pair[0].append(own)
+                pair[1].append(theirs)
+            for (device, _), (own, theirs) in groups.items():
+                self.multi_avg_fn(own, theirs, self.n_averaged.to(device))
+        self.n_averaged += 1
+        self.updates += 1
+
+
 @dataclass
 class Optimization:
     """Everything that turns gradients into new weights: the optimizer and its schedule, the fp16 loss
@@ -96,7 +134,7 @@ class Optimization:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
-    ema: torch.optim.swa_utils.AveragedModel | None = None
+    ema: WeightAverage | None = None
     accumulation: int = 1
     clip_grad_norm: float | None = None
 
@@ -127,17 +165,11 @@ def build_optimization(model: nn.Module, cfg, lr: float, steps_per_epoch: int, p
     """
     device_type = next(model.parameters()).device.type
     optimizer = build_optimizer(model, cfg, lr)
-    ema = None
-    if cfg.ema_decay:
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-        # AveragedModel reads its update count on the host (two syncs per step on a GPU): EMA runs trade that.
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
     return Optimization(
         optimizer=optimizer,
         scheduler=build_scheduler(optimizer, cfg, steps_per_epoch),
         scaler=torch.amp.GradScaler(device_type, enabled=precision.needs_scaler),
-        ema=ema,
+        ema=WeightAverage(model, cfg.ema_decay) if cfg.ema_decay else None,
         accumulation=accumulation,
         clip_grad_norm=cfg.clip_grad_norm,
     )

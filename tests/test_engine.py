@@ -165,3 +165,36 @@ def test_benchmark_times_the_images_it_reports():
     assert result["images_timed"] == cfg.iterations * cfg.batch_size
     assert result["throughput_img_s"] == pytest.approx(result["images_timed"] / result["seconds_timed"])
     assert result["compile"] is None and result["amp"] is False
+
+
+def test_weight_average_matches_torchs_ema_reading_the_device_once(monkeypatch):
+    """Same averages and state_dict as ``AveragedModel`` with torch's EMA function, also after a checkpoint
+    load; but the device count is read once, not twice per update (two syncs per optimizer step on a GPU)."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    from common.engine import WeightAverage
+
+    torch.manual_seed(0)
+    model = tiny_model()
+    ours = WeightAverage(model, 0.9)
+    torchs = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    reads = {"ours": 0, "torch's": 0}
+    for _ in range(4):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        model(torch.randn(2, 3, 8, 8))  # moves BatchNorm's running statistics
+        for name, average in (("ours", ours), ("torch's", torchs)):
+            counts = [CountCalls(monkeypatch, method) for method in ("__bool__", "__int__", "item")]
+            average.update_parameters(model)
+            reads[name] += sum(c.count for c in counts)
+            monkeypatch.undo()
+    assert reads == {"ours": 1, "torch's": 8}
+    for (name, a), b in zip(ours.state_dict().items(), torchs.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    resumed = WeightAverage(tiny_model(), 0.9)
+    resumed.load_state_dict(ours.state_dict())
+    resumed.update_parameters(model)
+    torchs.update_parameters(model)
+    for a, b in zip(resumed.state_dict().values(), torchs.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
