@@ -132,7 +132,7 @@ def test_benchmark_reports_gpu_telemetry(tmp_path):
     assert "gpu_memory_used_max_mb" in result.get("gpu", {}), result
 
 
-def engine_step(clip: float | None):
+def engine_step(clip: float | None, ema: float | None):
     """The engine's step as ``train`` builds it for a CUDA run: fused SGD, fp16 GradScaler, channels_last."""
     from common.builders import build_model
     from common.config import TrainConfig
@@ -142,15 +142,17 @@ def engine_step(clip: float | None):
     torch.backends.cudnn.benchmark = True
     model = build_model(get_model_spec("resnet18"), 10).to(CUDA, memory_format=torch.channels_last)
     precision = Precision(amp=True, dtype="float16")
-    opt = build_optimization(model, TrainConfig(clip_grad_norm=clip), lr=0.1, steps_per_epoch=100, precision=precision)
+    opt = build_optimization(
+        model, TrainConfig(clip_grad_norm=clip, ema_decay=ema), lr=0.1, steps_per_epoch=100, precision=precision
+    )
     return StepRunner(model, nn.CrossEntropyLoss(label_smoothing=0.1), opt, precision), model
 
 
-@pytest.mark.parametrize("clip", [None, 1.0])
-def test_steady_state_training_steps_never_wait_for_the_gpu(clip):
+@pytest.mark.parametrize("clip, ema", [(None, None), (1.0, 0.999)])
+def test_steady_state_training_steps_never_wait_for_the_gpu(clip, ema):
     """Under CUDA's sync debug mode "error", any host-device synchronisation raises: a training step (forward,
-    backward, GradScaler unscale/step/update, clipping, schedule) must run without one after its warm-up."""
-    step, model = engine_step(clip)
+    backward, GradScaler unscale/step/update, clipping, schedule, EMA) must run without one after its warm-up."""
+    step, model = engine_step(clip, ema)
     images = torch.randn(32, 3, 64, 64, device=CUDA).contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, 10, (32,), device=CUDA)
     assert getattr(step.optimizer, "_step_supports_amp_scaling", False)  # fused: the scaler needs no .item()
