@@ -18,12 +18,20 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from common.builders import build_model, build_optimizer, build_scheduler
+from common.builders import build_model
 from common.checkpoint import atomic_write_text
 from common.config import BenchmarkConfig, TrainConfig
 from common.data import ImageList, SyntheticLoader, build_loader, default_backend, scan_split
 from common.distributed import resolve_device
-from common.engine import StepRunner, autocast_context, pipeline_spec, resolve_amp, resolve_sizes
+from common.engine import (
+    Precision,
+    StepRunner,
+    build_optimization,
+    compile_model,
+    pipeline_spec,
+    resolve_amp,
+    resolve_sizes,
+)
 from common.errors import UserError
 from common.registry import get_model_spec
 from common.telemetry import GpuSampler, host_peak_rss_mb
@@ -100,9 +108,8 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
     else:
         memory_format = torch.channels_last if cfg.memory_format == "channels_last" else torch.contiguous_format
         model = build_model(spec, cfg.num_classes or 1000, cfg.width_mult).to(device, memory_format=memory_format)
-        if cfg.compile:
-            model = torch.compile(model)
-        step_fn = _train_step(model, cfg) if train else _inference_step(model, cfg)
+        precision = Precision(cfg.amp, cfg.amp_dtype)
+        step_fn = _train_step(model, cfg, precision) if train else _inference_step(model, cfg, precision)
 
     sampler = GpuSampler(device.index or 0) if device.type == "cuda" else None
     if sampler:
@@ -124,6 +131,9 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
         "workers": cfg.workers,
         "iterations": cfg.iterations,
         "warmup": cfg.warmup,
+        "compile": cfg.compile,
+        "images_timed": n_images,
+        "seconds_timed": float(np.sum(times)),
         "throughput_img_s": n_images / float(np.sum(times)),
         "latency_ms": {f"p{q}": float(np.percentile(latency, q)) for q in (50, 90, 95, 99)}
         | {"mean": float(latency.mean())},
@@ -151,24 +161,23 @@ def _split(root: Path, train: bool) -> ImageList:
     return scan_split(split if split.is_dir() else root)
 
 
-def _train_step(model: nn.Module, cfg: BenchmarkConfig):
-    """The engine's own training step (autocast, GradScaler, SGD over the recipe's parameter groups)."""
+def _train_step(model: nn.Module, cfg: BenchmarkConfig, precision: Precision):
+    """The engine's own training step, built as ``train`` builds it (fused SGD over the recipe's parameter
+    groups, its schedule, a GradScaler for fp16), on the model compiled in ``cfg.compile``'s mode."""
     model.train()
-    defaults = TrainConfig()
-    optimizer = build_optimizer(model, defaults, lr=0.1)
-    scheduler = build_scheduler(optimizer, defaults, steps_per_epoch=1000)
-    scaler = torch.amp.GradScaler(next(model.parameters()).device.type, enabled=cfg.amp and cfg.amp_dtype == "float16")
-    runner = StepRunner(model, optimizer, scheduler, scaler, nn.CrossEntropyLoss(label_smoothing=0.1), 1, None,
-                        cfg.amp, cfg.amp_dtype, 0.0)  # fmt: skip
+    opt = build_optimization(model, TrainConfig(), lr=0.1, steps_per_epoch=1000, precision=precision)
+    runner = StepRunner(compile_model(model, cfg.compile), nn.CrossEntropyLoss(label_smoothing=0.1), opt, precision,
+                        cuda_graphs=cfg.compile == "reduce-overhead")  # fmt: skip
     return lambda x, y: runner(x, y)
 
 
-def _inference_step(model: nn.Module, cfg: BenchmarkConfig):
+def _inference_step(model: nn.Module, cfg: BenchmarkConfig, precision: Precision):
     model.eval()
+    compiled = compile_model(model, cfg.compile)
 
     @torch.no_grad()
     def step(x, y):
-        with autocast_context(x.device, cfg.amp, cfg.amp_dtype):
-            return model(x)
+        with precision.autocast(x.device):
+            return compiled(x)
 
     return step

@@ -118,25 +118,48 @@ def parameter_groups(model: nn.Module, weight_decay: float, bn_decay: bool, dept
     ]
 
 
-def build_optimizer(model: nn.Module, cfg, lr: float) -> torch.optim.Optimizer:
-    """SGD (NVIDIA's recipe), RMSprop (MobileNet's paper) or AdamW, over :func:`parameter_groups`.
+# Optimizers with a fused kernel in torch. Fused, the optimizer reads the GradScaler's scale and inf flag on the
+# device (``_step_supports_amp_scaling``), so ``GradScaler.step`` needs no ``.item()``: no host sync per step.
+# RMSprop has no fused kernel; with an fp16 GradScaler it syncs once per step (bf16 or fp32 runs have no scaler).
+FUSED_OPTIMIZERS = ("sgd", "adamw")
 
-    apex's fused SGD is used where apex imports (NGC containers); torch's foreach kernels otherwise.
+
+def optimizer_implementation(name: str, device_type: str) -> dict:
+    """``fused=True`` on CUDA where torch has the kernel, ``foreach=True`` otherwise (one multi-tensor launch
+    per group instead of a Python loop over parameters).
+
+    apex's FusedSGD is not used: torch's fused SGD does the same multi-tensor update and also skips the
+    scaler's sync, which apex's does not; apex only adds fp16 master weights, which autocast makes unneeded.
     """
-    groups = parameter_groups(model, cfg.weight_decay, cfg.bn_weight_decay, cfg.depthwise_weight_decay)
-    if cfg.optimizer == "sgd":
-        try:
-            from apex.optimizers import FusedSGD  # type: ignore[import-not-found]
+    if device_type == "cuda" and name in FUSED_OPTIMIZERS:
+        return {"fused": True, "foreach": False}
+    return {"fused": False, "foreach": True} if name in FUSED_OPTIMIZERS else {"foreach": True}
 
-            if next(model.parameters()).is_cuda:
-                return FusedSGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
-        except ImportError:
-            pass
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+
+def build_optimizer(model: nn.Module, cfg, lr: float) -> torch.optim.Optimizer:
+    """SGD (NVIDIA's recipe), RMSprop (MobileNet's paper) or AdamW, over :func:`parameter_groups`, in the
+    implementation :func:`optimizer_implementation` picks for the model's device."""
+    groups = parameter_groups(model, cfg.weight_decay, cfg.bn_weight_decay, cfg.depthwise_weight_decay)
+    impl = optimizer_implementation(cfg.optimizer, next(model.parameters()).device.type)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, **impl)
     if cfg.optimizer == "rmsprop":
         # TensorFlow-style RMSprop settings of the MobileNet papers (eps inside the sqrt differs; 0.0316 ~ sqrt(1e-3)).
-        return torch.optim.RMSprop(groups, lr=lr, alpha=0.9, eps=0.0316, momentum=cfg.momentum)
-    return torch.optim.AdamW(groups, lr=lr)
+        return torch.optim.RMSprop(groups, lr=lr, alpha=0.9, eps=0.0316, momentum=cfg.momentum, **impl)
+    return torch.optim.AdamW(groups, lr=lr, **impl)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """``optimizer.load_state_dict`` keeping this run's implementation flags.
+
+    torch copies a checkpoint's whole param groups, ``fused``/``foreach`` included: a checkpoint from a CPU run
+    resumed on a GPU would leave a fused optimizer with ``fused=None``, which then steps on still-scaled
+    gradients, and one from a GPU run on a CPU would ask for fused and foreach at once.
+    """
+    flags = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, own in zip(optimizer.param_groups, flags, strict=True):
+        group.update(own)
 
 
 def lr_factor(step: int, steps_per_epoch: int, epochs: int, warmup_epochs: float, schedule: str,

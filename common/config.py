@@ -32,6 +32,7 @@ DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 # The published recipes stay below: NVIDIA's ResNet-50 warms up 8 of 90 epochs (8.9%), the quickstart 0.5 of 4
 # (12.5%), so they run exactly as written; what is left (at least 4/5 of a run) anneals.
 MAX_WARMUP_SHARE = 0.2
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile's modes
 
 
 def opt(default, help: str, choices=None, **extra):
@@ -96,7 +97,13 @@ class PrecisionConfig:
     amp_dtype: str = opt("float16", "autocast dtype; float16 uses a dynamic GradScaler", ("float16", "bfloat16"))
     tf32: bool = opt(True, "TF32 matmuls and convolutions on Ampere and later")
     memory_format: str = opt("contiguous", "tensor memory format", ("contiguous", "channels_last"))
-    compile: bool = opt(False, "torch.compile the model")
+    compile: str | None = opt(
+        None,
+        "torch.compile the model for training and evaluation; --compile alone: default, reduce-overhead adds "
+        "CUDA graphs, max-autotune also tunes kernels (--no-compile or unset: eager)",
+        COMPILE_MODES,
+        const="default",
+    )
 
 
 @dataclass
@@ -236,6 +243,12 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
             parser.add_argument(
                 flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=helptext, **dest
             )
+        elif "const" in meta:
+            # An option with an optional value (``--compile`` means ``--compile default``) and a --no- form.
+            parser.add_argument(flag, nargs="?", const=meta["const"], choices=meta.get("choices"), type=tp,
+                                default=argparse.SUPPRESS, help=helptext, **dest)  # fmt: skip
+            parser.add_argument("--no-" + flag[2:], dest=name, action="store_const", const=None,
+                                default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # fmt: skip
         else:
             parser.add_argument(
                 flag,
@@ -259,6 +272,9 @@ def _check_value(cls, key: str, value, source: str):
     values = value if is_list and isinstance(value, list) else [value]
     if is_list and not isinstance(value, list):
         raise UserError(f"{source}: {key} must be a list, got {value!r}")
+    if "const" in f.metadata and isinstance(value, bool):
+        # ``compile = true`` in a preset reads as the option given alone, ``false`` as its --no- form.
+        values = [f.metadata["const"] if value else None]
     out = []
     for v in values:
         if v is None and not is_list:

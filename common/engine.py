@@ -2,6 +2,10 @@
 
 Precision and distribution are wrappers, not branches: autocast and GradScaler are always called with
 ``enabled=...``; DDP wrapping happens once, and the unwrapped model is what gets saved.
+
+Nothing in a training step waits for the GPU: the optimizer is fused (the GradScaler's inf check stays on the
+device), the loss is summed on the device and read only when a line is logged, and evaluation accumulates its
+counts on the device and reads them once (``tests/test_gpu.py`` runs steps under CUDA's sync debug mode).
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from common import distributed as dist
-from common.builders import build_model, build_optimizer, build_scheduler
+from common.builders import build_model, build_optimizer, build_scheduler, load_optimizer_state
 from common.checkpoint import CheckpointManager, atomic_write_text, load_checkpoint, restore_rng, rng_state
 from common.config import TrainConfig
 from common.data import PipelineSpec, build_loader, default_backend, drop_bad_images, scan_split
@@ -49,18 +54,125 @@ def pipeline_spec(cfg, image_size: int, resize: int) -> PipelineSpec:
                         cfg.memory_format == "channels_last", cfg.seed)  # fmt: skip
 
 
-def autocast_context(device: torch.device, enabled: bool, dtype: str):
-    return torch.autocast(device.type, dtype=getattr(torch, dtype), enabled=enabled)
-
-
 def resolve_amp(amp: bool | None, device: torch.device) -> bool:
     """``--amp`` as given, else on for CUDA (as NVIDIA's recipes train) and off on CPU, where autocast is
     slower than fp32 on cores without bf16 units."""
     return device.type == "cuda" if amp is None else amp
 
 
+@dataclass(frozen=True)
+class Precision:
+    """Autocast on or off, and its dtype; float16 is the one that needs a GradScaler."""
+
+    amp: bool = False
+    dtype: str = "float16"
+
+    @property
+    def needs_scaler(self) -> bool:
+        return self.amp and self.dtype == "float16"
+
+    def autocast(self, device: torch.device):
+        return torch.autocast(device.type, dtype=getattr(torch, self.dtype), enabled=self.amp)
+
+
+def compile_model(model: nn.Module, mode: str | None) -> nn.Module:
+    """``torch.compile`` in ``mode`` (None: the model as it is).
+
+    ``dynamic=False``: a last partial eval batch gets its own graph, compiled once and reused every epoch,
+    rather than turning the batch dimension symbolic, which would make every full batch run slower code (and,
+    with reduce-overhead, still record one CUDA graph per size).
+    """
+    return model if mode is None else torch.compile(model, mode=mode, dynamic=False)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # One optimizer step
+
+
+class WeightAverage(AveragedModel):
+    """An EMA of the weights and buffers, as ``AveragedModel(use_buffers=True)`` with torch's EMA function keeps
+    it (same updates, same state_dict), except that its update count is mirrored on the host.
+
+    torch's ``update_parameters`` tests ``n_averaged == 0`` and ``> 0`` on the device tensor: two host syncs per
+    optimizer step on a GPU. Here the count is read once (at the first update, and after a checkpoint load).
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        super().__init__(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+        self.updates: int | None = None  # host copy of n_averaged; None: read it at the next update
+
+    def load_state_dict(self, *args, **kwargs):
+        self.updates = None
+        return super().load_state_dict(*args, **kwargs)
+
+    @torch.no_grad()
+    def update_parameters(self, model: nn.Module) -> None:
+        if self.updates is None:
+            self.updates = int(self.n_averaged)
+        averaged = [*self.module.parameters(), *self.module.buffers()]
+        current = [t.detach() for t in (*model.parameters(), *model.buffers())]
+        if self.updates == 0:
+            for own, theirs in zip(averaged, current, strict=True):
+                own.copy_(theirs)
+        else:
+            groups: dict = {}  # torch's EMA function takes tensors of one dtype per call
+            for own, theirs in zip(averaged, current, strict=True):
+                pair = groups.setdefault((own.device, own.dtype), ([], []))
+                pair[0].append(own)
+                pair[1].append(theirs)
+            for (device, _), (own, theirs) in groups.items():
+                self.multi_avg_fn(own, theirs, self.n_averaged.to(device))
+        self.n_averaged += 1
+        self.updates += 1
+
+
+@dataclass
+class Optimization:
+    """Everything that turns gradients into new weights: the optimizer and its schedule, the fp16 loss
+    scaler, the weights' EMA, and how gradients are gathered (accumulated micro-batches, clipping)."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    ema: WeightAverage | None = None
+    accumulation: int = 1
+    clip_grad_norm: float | None = None
+
+    def state_dict(self) -> dict:
+        """The components' states, under the checkpoint's historical keys."""
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        load_optimizer_state(self.optimizer, state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state["scaler"]:  # empty when the checkpoint ran without fp16: the fresh scaler then starts anew
+            self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+
+
+def build_optimization(model: nn.Module, cfg, lr: float, steps_per_epoch: int, precision: Precision,
+                       accumulation: int = 1) -> Optimization:  # fmt: skip
+    """The optimizer over the model's parameter groups (fused on CUDA), the per-step LR schedule, a GradScaler
+    enabled for fp16 autocast, and an EMA when ``cfg.ema_decay`` asks for one.
+
+    ``cfg`` is a :class:`TrainConfig` (the benchmark passes the defaults, so it times the same step).
+    """
+    device_type = next(model.parameters()).device.type
+    optimizer = build_optimizer(model, cfg, lr)
+    return Optimization(
+        optimizer=optimizer,
+        scheduler=build_scheduler(optimizer, cfg, steps_per_epoch),
+        scaler=torch.amp.GradScaler(device_type, enabled=precision.needs_scaler),
+        ema=WeightAverage(model, cfg.ema_decay) if cfg.ema_decay else None,
+        accumulation=accumulation,
+        clip_grad_norm=cfg.clip_grad_norm,
+    )
 
 
 class StepRunner:
@@ -70,15 +182,19 @@ class StepRunner:
     DDP's all-reduce is skipped (``no_sync``) on all but the last micro-batch.
     """
 
-    def __init__(self, model, optimizer, scheduler, scaler, criterion, accumulation: int, clip: float | None,
-                 amp: bool, amp_dtype: str, mixup: float, ema=None):  # fmt: skip
-        self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
-        self.criterion, self.accumulation, self.clip = criterion, accumulation, clip
-        self.amp, self.amp_dtype, self.mixup, self.ema = amp, amp_dtype, mixup, ema
+    def __init__(self, model: nn.Module, criterion: nn.Module, optimization: Optimization, precision: Precision,
+                 mixup: float = 0.0, cuda_graphs: bool = False):  # fmt: skip
+        self.model, self.criterion, self.opt, self.precision = model, criterion, optimization, precision
+        self.mixup = mixup
+        self.cuda_graphs = cuda_graphs  # the model is compiled with mode="reduce-overhead"
         self.micro_step = 0
 
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.opt.optimizer
+
     def loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        with autocast_context(images.device, self.amp, self.amp_dtype):
+        with self.precision.autocast(images.device):
             if self.mixup > 0:
                 # Rolling the batch by one pairs every image with another at no shuffling cost.
                 lam = float(np.random.beta(self.mixup, self.mixup))
@@ -89,27 +205,33 @@ class StepRunner:
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """Run one micro-batch; returns (loss, whether an optimizer step was taken)."""
+        opt = self.opt
+        if self.cuda_graphs:
+            # Tells the CUDA graph trees a new iteration starts: the last one's outputs may be overwritten.
+            torch.compiler.cudagraph_mark_step_begin()
         self.micro_step += 1
-        boundary = self.micro_step % self.accumulation == 0
+        boundary = self.micro_step % opt.accumulation == 0
         sync = nullcontext() if boundary or not hasattr(self.model, "no_sync") else self.model.no_sync()
         with sync:
             loss = self.loss(images, labels)
-            self.scaler.scale(loss / self.accumulation).backward()
+            opt.scaler.scale(loss / opt.accumulation).backward()
         if boundary:
-            if self.clip:
-                self.scaler.unscale_(self.optimizer)
-                nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scheduler.step()
-            if self.ema is not None:
-                self.ema.update_parameters(unwrap(self.model))
+            if opt.clip_grad_norm:
+                opt.scaler.unscale_(opt.optimizer)
+                nn.utils.clip_grad_norm_(self.model.parameters(), opt.clip_grad_norm)
+            # A fused optimizer reads the scale and the inf flag on the device: this waits for nothing.
+            opt.scaler.step(opt.optimizer)
+            opt.scaler.update()
+            opt.optimizer.zero_grad(set_to_none=True)
+            opt.scheduler.step()
+            if opt.ema is not None:
+                opt.ema.update_parameters(unwrap(self.model))
         return loss.detach(), boundary
 
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain model inside DDP and torch.compile wrappers: what gets saved and evaluated."""
+    model = getattr(model, "_orig_mod", model)
     model = getattr(model, "module", model)
     return getattr(model, "_orig_mod", model)
 
@@ -185,7 +307,7 @@ class EvalResult:
     top1: float
     top5: float
     count: int
-    confusion: torch.Tensor  # [true, predicted] counts
+    confusion: torch.Tensor  # [true, predicted] counts, on the CPU
     latencies_ms: list[float]
 
     def metrics(self, prefix: str) -> dict:
@@ -201,42 +323,85 @@ class EvalResult:
 
 def batch_metrics(logits: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed loss, top-1 hits, top-k hits, count) as one float64 tensor, and the top-1 predictions; both
-    on the logits' device, so a batch costs one transfer."""
+    on the logits' device, so a batch costs no transfer."""
     topk = logits.topk(k, dim=1).indices
     correct = topk.eq(labels.view(-1, 1))
     loss = F.cross_entropy(logits, labels, reduction="sum")
-    count = torch.tensor(labels.numel(), dtype=torch.float64, device=logits.device)
+    # torch.full fills on the device; torch.tensor(n, device=cuda) would copy from the host and wait for it.
+    count = torch.full((), float(labels.numel()), dtype=torch.float64, device=logits.device)
     sums = torch.stack([loss.double(), correct[:, 0].sum().double(), correct.any(1).sum().double(), count])
     return sums, topk[:, 0]
 
 
+class BatchTimer:
+    """Per-batch compute time without waiting for the device: on CUDA a pair of events per batch, read after
+    the loop (one sync for all); on the CPU, where work runs as it is called, the wall clock."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.pairs: list = []
+
+    def start(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def stop(self, started) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.pairs.append((started, event))
+        else:
+            self.pairs.append((started, time.perf_counter()))
+
+    def milliseconds(self) -> list[float]:
+        """Each batch's time; call after the device has finished (the evaluation's one sync)."""
+        if self.cuda:
+            return [a.elapsed_time(b) for a, b in self.pairs]
+        return [(b - a) * 1000 for a, b in self.pairs]
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, num_classes: int, amp: bool = False, amp_dtype: str = "float16") -> EvalResult:
-    """Loss, top-1/top-5 (percent) and the confusion matrix, summed over ranks."""
+def evaluate(model: nn.Module, loader, num_classes: int, precision: Precision = Precision()) -> EvalResult:
+    """Loss, top-1/top-5 (percent) and the confusion matrix, summed over ranks.
+
+    Every count accumulates on the model's device; the host reads them once, after the last batch.
+    """
     model.eval()
     k = min(5, num_classes)
-    sums = torch.zeros(4, dtype=torch.float64)  # loss, top1, top5, count
-    confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64)
-    latencies = []
+    sums = confusion = timer = None
     for images, labels in loader:
-        start = time.perf_counter()
-        with autocast_context(images.device, amp, amp_dtype):
+        if sums is None:
+            device = images.device
+            sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
+            confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
+            timer = BatchTimer(device)
+        started = timer.start()
+        with precision.autocast(images.device):
             logits = model(images).float()
         batch, top1 = batch_metrics(logits, labels, k)
-        batch = batch.cpu()  # waits for the device, so the latency below is the batch's compute time
-        latencies.append((time.perf_counter() - start) * 1000)
         sums += batch
-        confusion += torch.bincount((labels * num_classes + top1).cpu(), minlength=num_classes**2)
-    dist.all_reduce_sum(sums)
-    dist.all_reduce_sum(confusion)
-    n = max(1.0, sums[3].item())
+        # scatter_add_, not bincount: CUDA's bincount reads the largest value on the host to size its output.
+        confusion.scatter_add_(0, labels * num_classes + top1, torch.ones_like(top1))
+        timer.stop(started)
+    if sums is None:  # an empty shard: still take part in the reduction
+        sums, confusion, timer = (
+            torch.zeros(4, dtype=torch.float64),
+            torch.zeros(num_classes**2, dtype=torch.int64),
+            None,
+        )
+    # One tensor, one all-reduce and one transfer (float64 holds counts exactly up to 2**53).
+    totals = dist.all_reduce_sum(torch.cat([sums, confusion.double()])).cpu()
+    n = max(1.0, totals[3].item())
     return EvalResult(
-        loss=sums[0].item() / n,
-        top1=100 * sums[1].item() / n,
-        top5=100 * sums[2].item() / n,
-        count=int(sums[3].item()),
-        confusion=confusion.view(num_classes, num_classes),
-        latencies_ms=latencies,
+        loss=totals[0].item() / n,
+        top1=100 * totals[1].item() / n,
+        top5=100 * totals[2].item() / n,
+        count=int(totals[3].item()),
+        confusion=totals[4:].round().long().view(num_classes, num_classes),
+        latencies_ms=timer.milliseconds() if timer else [],
     )
 
 
@@ -293,17 +458,14 @@ def build_data(cfg: TrainConfig, backend: str, spec: PipelineSpec, device, rank:
     )
 
 
-def checkpoint_state(model, optimizer, scheduler, scaler, ema, epoch, step, config: dict, classes, best,
+def checkpoint_state(model: nn.Module, opt: Optimization, epoch: int, step: int, config: dict, classes, best: float,
                      rngs: list[dict]) -> dict:  # fmt: skip
     """A dict of component state_dicts plus what a resume and a later evaluate/predict need."""
     return {
         "format": "convnets-checkpoint-v1",
         "arch": config["arch"],
         "model": unwrap(model).state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(),
-        "ema": ema.state_dict() if ema is not None else None,
+        **opt.state_dict(),  # optimizer, scheduler, scaler, ema
         "epoch": epoch,
         "step": step,
         "best_top1": best,
@@ -311,6 +473,124 @@ def checkpoint_state(model, optimizer, scheduler, scaler, ema, epoch, step, conf
         "config": config,  # resolved: image size, resize, classes count, backend, world size...
         "class_names": list(classes),
     }
+
+
+@dataclass
+class RunPlan:
+    """What the configuration resolves to on this machine, before any data or model is built."""
+
+    output: Path
+    backend: str
+    image_size: int
+    resize: int
+    optimizer_batch: int
+    accumulation: int
+    lr: float
+
+
+@dataclass
+class Progress:
+    """Where the run stands: the next epoch, the best top-1 so far and the optimizer steps taken."""
+
+    start_epoch: int = 0
+    best: float = 0.0
+    global_step: int = 0
+
+
+def set_up_runtime(cfg: TrainConfig, rt: dist.Runtime) -> TrainConfig:
+    """AMP resolved for the device, seeds, cuDNN and TF32 settings; returns the configuration with AMP set."""
+    cfg = dataclasses.replace(cfg, amp=resolve_amp(cfg.amp, rt.device))
+    seed_everything(cfg.seed, rt.rank, cfg.deterministic)
+    if rt.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.tf32
+    return cfg
+
+
+def plan_run(cfg: TrainConfig, spec: ModelSpec, rt: dist.Runtime) -> RunPlan:
+    """Output folder, data backend, image sizes, and the optimizer batch with the accumulation that reaches it."""
+    world = rt.world_size
+    optimizer_batch = cfg.optimizer_batch_size or cfg.batch_size * world
+    if optimizer_batch % (cfg.batch_size * world):
+        raise UserError(
+            f"--optimizer-batch-size {optimizer_batch} is not a multiple of --batch-size x processes "
+            f"({cfg.batch_size} x {world})"
+        )
+    image_size, resize = resolve_sizes(spec, cfg.image_size, cfg.val_resize)
+    return RunPlan(
+        output=Path(cfg.output or f"runs/{cfg.arch}"),
+        backend=cfg.data_backend or default_backend(rt.device),
+        image_size=image_size,
+        resize=resize,
+        optimizer_batch=optimizer_batch,
+        accumulation=optimizer_batch // (cfg.batch_size * world),
+        lr=cfg.lr * optimizer_batch / 256,
+    )
+
+
+def count_classes(cfg: TrainConfig, data: DataBundle) -> int:
+    num_classes = cfg.num_classes or len(data.classes)
+    if num_classes < len(data.classes):
+        raise UserError(f"--num-classes {num_classes} is smaller than the {len(data.classes)} class folders")
+    return num_classes
+
+
+def build_train_model(cfg: TrainConfig, spec: ModelSpec, num_classes: int, rt: dist.Runtime) -> nn.Module:
+    """The registered model (pretrained, frozen, SyncBatchNorm as asked) on the device in its memory format."""
+    model = build_model(spec, num_classes, cfg.width_mult, cfg.pretrained, cfg.freeze_backbone)
+    if cfg.sync_bn and rt.world_size > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    memory_format = torch.channels_last if cfg.memory_format == "channels_last" else torch.contiguous_format
+    return model.to(rt.device, memory_format=memory_format)
+
+
+def steps_per_epoch(cfg: TrainConfig, data: DataBundle, accumulation: int) -> int:
+    steps = min(len(data.train), cfg.max_steps_per_epoch or len(data.train)) // accumulation
+    if steps == 0:
+        raise UserError(f"an epoch has fewer batches ({len(data.train)}) than gradient accumulation ({accumulation})")
+    return steps
+
+
+def resume(cfg: TrainConfig, ckpts: CheckpointManager, classes: list[str], model: nn.Module, opt: Optimization,
+           rt: dist.Runtime) -> Progress:  # fmt: skip
+    """Load the checkpoint ``--resume`` names into the model and optimization, or start afresh."""
+    resumed = _load_resume(cfg, ckpts, classes)
+    if resumed is None:
+        return Progress()
+    state, path = resumed
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state)
+    progress = Progress(state["epoch"] + 1, state["best_top1"], state["step"])
+    restore_rng(state["rng"], rt.rank, rt.world_size, cfg.seed + 1000 * progress.start_epoch)
+    log.info("resumed from %s at epoch %d", path, progress.start_epoch)
+    if progress.start_epoch >= cfg.epochs:
+        log.info("the run already has its %d epochs; raise --epochs to train further", cfg.epochs)
+    return progress
+
+
+def wrap(model: nn.Module, cfg: TrainConfig, rt: dist.Runtime) -> tuple[nn.Module, nn.Module]:
+    """(training model, evaluation model): DDP for more than one process, then torch.compile in ``cfg.compile``'s
+    mode for both. Evaluation runs each rank's own shard on the unwrapped model: no DDP there."""
+    train_model = model
+    if rt.world_size > 1:
+        ddp_kwargs = {"device_ids": [rt.device.index]} if rt.device.type == "cuda" else {}
+        train_model = nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
+    if cfg.compile and rt.is_main:
+        log.info("torch.compile mode %s for training and evaluation", cfg.compile)
+    return compile_model(train_model, cfg.compile), compile_model(model, cfg.compile)
+
+
+def write_run_config(cfg: TrainConfig, plan: RunPlan, num_classes: int, rt: dist.Runtime, logger: RunLogger) -> dict:
+    """The resolved configuration: written to config.json, the log and every checkpoint."""
+    resolved = {**dataclasses.asdict(cfg), "output": str(plan.output), "data_backend": plan.backend,
+                "image_size": plan.image_size, "val_resize": plan.resize, "num_classes": num_classes,
+                "world_size": rt.world_size, "accumulation": plan.accumulation, "effective_lr": plan.lr,
+                "optimizer_batch_size": plan.optimizer_batch, "device": str(rt.device)}  # fmt: skip
+    if rt.is_main:
+        plan.output.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(plan.output / "config.json", json.dumps(resolved, indent=2))
+        logger.metadata("config", resolved)
+    return resolved
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -321,118 +601,64 @@ def train(cfg: TrainConfig) -> dict:
         # Before the process group and the loaders start their threads: they inherit the mask.
         dist.set_gpu_affinity(dist.local_rank())
     rt = dist.init_distributed(cfg.device)
-    cfg = dataclasses.replace(cfg, amp=resolve_amp(cfg.amp, rt.device))
-    seed_everything(cfg.seed, rt.rank, cfg.deterministic)
-    if rt.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
-        torch.backends.cudnn.allow_tf32 = cfg.tf32
-
-    output = Path(cfg.output or f"runs/{cfg.arch}")
-    backend = cfg.data_backend or default_backend(rt.device)
-    image_size, resize = resolve_sizes(spec, cfg.image_size, cfg.val_resize)
-    world = rt.world_size
-    optimizer_batch = cfg.optimizer_batch_size or cfg.batch_size * world
-    if optimizer_batch % (cfg.batch_size * world):
-        raise UserError(
-            f"--optimizer-batch-size {optimizer_batch} is not a multiple of --batch-size x processes "
-            f"({cfg.batch_size} x {world})"
-        )
-    accumulation = optimizer_batch // (cfg.batch_size * world)
-    pipe = pipeline_spec(cfg, image_size, resize)
-    data = build_data(cfg, backend, pipe, rt.device, rt.rank, world)
-    num_classes = cfg.num_classes or len(data.classes)
-    if num_classes < len(data.classes):
-        raise UserError(f"--num-classes {num_classes} is smaller than the {len(data.classes)} class folders")
-
-    model = build_model(spec, num_classes, cfg.width_mult, cfg.pretrained, cfg.freeze_backbone)
-    if cfg.sync_bn and world > 1:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    memory_format = torch.channels_last if cfg.memory_format == "channels_last" else torch.contiguous_format
-    model = model.to(rt.device, memory_format=memory_format)
-    lr = cfg.lr * optimizer_batch / 256
-    optimizer = build_optimizer(model, cfg, lr)
-    steps_per_epoch = min(len(data.train), cfg.max_steps_per_epoch or len(data.train)) // accumulation
-    if steps_per_epoch == 0:
-        raise UserError(f"an epoch has fewer batches ({len(data.train)}) than gradient accumulation ({accumulation})")
-    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
-    fp16 = cfg.amp and cfg.amp_dtype == "float16"
-    scaler = torch.amp.GradScaler(rt.device.type, enabled=fp16)
-    ema = None
-    if cfg.ema_decay:
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
-
-    ckpts = CheckpointManager(output, cfg.keep_last)
-    start_epoch, best, global_step = 0, 0.0, 0
-    resumed = _load_resume(cfg, ckpts, data.classes)
-    if resumed is not None:
-        state, path = resumed
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if state["scaler"]:  # empty when the checkpoint ran without fp16: the fresh scaler then starts anew
-            scaler.load_state_dict(state["scaler"])
-        if ema is not None and state.get("ema") is not None:
-            ema.load_state_dict(state["ema"])
-        start_epoch, best, global_step = state["epoch"] + 1, state["best_top1"], state["step"]
-        restore_rng(state["rng"], rt.rank, world, cfg.seed + 1000 * start_epoch)
-        log.info("resumed from %s at epoch %d", path, start_epoch)
-        if start_epoch >= cfg.epochs:
-            log.info("the run already has its %d epochs; raise --epochs to train further", cfg.epochs)
-
-    train_model = model
-    if world > 1:
-        ddp_kwargs = {"device_ids": [rt.device.index]} if rt.device.type == "cuda" else {}
-        train_model = nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
-    if cfg.compile:
-        train_model = torch.compile(train_model)
+    cfg = set_up_runtime(cfg, rt)
+    plan = plan_run(cfg, spec, rt)
+    data = build_data(cfg, plan.backend, pipeline_spec(cfg, plan.image_size, plan.resize), rt.device, rt.rank,
+                      rt.world_size)  # fmt: skip
+    num_classes = count_classes(cfg, data)
+    model = build_train_model(cfg, spec, num_classes, rt)
+    precision = Precision(cfg.amp, cfg.amp_dtype)
+    opt = build_optimization(model, cfg, plan.lr, steps_per_epoch(cfg, data, plan.accumulation), precision,
+                             plan.accumulation)  # fmt: skip
+    ckpts = CheckpointManager(plan.output, cfg.keep_last)
+    progress = resume(cfg, ckpts, data.classes, model, opt, rt)
+    train_model, eval_model = wrap(model, cfg, rt)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    step = StepRunner(train_model, optimizer, scheduler, scaler, criterion, accumulation, cfg.clip_grad_norm,
-                      cfg.amp, cfg.amp_dtype, cfg.mixup, ema)  # fmt: skip
+    step = StepRunner(train_model, criterion, opt, precision, cfg.mixup, cuda_graphs=cfg.compile == "reduce-overhead")
 
-    logger = RunLogger(output / "log.json", enabled=rt.is_main)
-    resolved = {**dataclasses.asdict(cfg), "output": str(output), "data_backend": backend, "image_size": image_size,
-                "val_resize": resize, "num_classes": num_classes, "world_size": world, "accumulation": accumulation,
-                "effective_lr": lr, "optimizer_batch_size": optimizer_batch, "device": str(rt.device)}  # fmt: skip
+    logger = RunLogger(plan.output / "log.json", enabled=rt.is_main)
+    resolved = write_run_config(cfg, plan, num_classes, rt, logger)
     if rt.is_main:
-        output.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(output / "config.json", json.dumps(resolved, indent=2))
-        logger.metadata("config", resolved)
         log.info(
             "training %s on %s: %d classes, %d train batches/epoch of %d x %d processes, lr %.4g, backend %s",
-            cfg.arch, rt.device, num_classes, len(data.train), cfg.batch_size, world, lr, backend,
+            cfg.arch, rt.device, num_classes, len(data.train), cfg.batch_size, rt.world_size, plan.lr, plan.backend,
         )  # fmt: skip
-
-    final: dict = {}
     try:
-        for epoch in range(start_epoch, cfg.epochs):
-            metrics = train_one_epoch(step, data.train, epoch, logger, cfg.print_freq,
-                                      cfg.max_steps_per_epoch, world)  # fmt: skip
-            global_step += steps_per_epoch
-            metrics["train.rss_mb"] = host_rss_mb()
-            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-                result = evaluate(model, data.val, num_classes, cfg.amp, cfg.amp_dtype)
-                metrics.update(result.metrics("val"))
-                if ema is not None:
-                    metrics.update(
-                        evaluate(ema.module, data.val, num_classes, cfg.amp, cfg.amp_dtype).metrics("val_ema")
-                    )
-            is_best = metrics.get("val.top1", -1.0) > best
-            best = max(best, metrics.get("val.top1", best))
-            logger.log((epoch,), metrics)
-            final = metrics
-            rngs = dist.all_gather_object(rng_state())  # every rank's generators, so each resumes its own
-            if rt.is_main:
-                state = checkpoint_state(model, optimizer, scheduler, scaler, ema, epoch, global_step, resolved,
-                                         data.classes, best, rngs)  # fmt: skip
-                ckpts.save(state, epoch, is_best)
-            dist.barrier()
-        if rt.is_main and final:
-            logger.log(tuple(), {k: v for k, v in final.items() if k.startswith("val")} | {"val.best_top1": best})
+        return run_epochs(cfg, step, eval_model, data, num_classes, progress, ckpts, resolved, logger, rt)
     finally:
         logger.close()
         dist.cleanup()
+
+
+def run_epochs(cfg: TrainConfig, step: StepRunner, eval_model: nn.Module, data: DataBundle, num_classes: int,
+               progress: Progress, ckpts: CheckpointManager, resolved: dict, logger: RunLogger,
+               rt: dist.Runtime) -> dict:  # fmt: skip
+    """The epoch loop: train, evaluate when due, log, checkpoint; returns the last epoch's metrics."""
+    opt, precision = step.opt, step.precision
+    model = unwrap(step.model)
+    best, global_step = progress.best, progress.global_step
+    epoch_steps = steps_per_epoch(cfg, data, opt.accumulation)
+    final: dict = {}
+    for epoch in range(progress.start_epoch, cfg.epochs):
+        metrics = train_one_epoch(step, data.train, epoch, logger, cfg.print_freq, cfg.max_steps_per_epoch,
+                                  rt.world_size)  # fmt: skip
+        global_step += epoch_steps
+        metrics["train.rss_mb"] = host_rss_mb()
+        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+            metrics.update(evaluate(eval_model, data.val, num_classes, precision).metrics("val"))
+            if opt.ema is not None:  # evaluated eagerly: compiling a second model would double compile time
+                metrics.update(evaluate(opt.ema.module, data.val, num_classes, precision).metrics("val_ema"))
+        is_best = metrics.get("val.top1", -1.0) > best
+        best = max(best, metrics.get("val.top1", best))
+        logger.log((epoch,), metrics)
+        final = metrics
+        rngs = dist.all_gather_object(rng_state())  # every rank's generators, so each resumes its own
+        if rt.is_main:
+            state = checkpoint_state(model, opt, epoch, global_step, resolved, data.classes, best, rngs)
+            ckpts.save(state, epoch, is_best)
+        dist.barrier()
+    if rt.is_main and final:
+        logger.log(tuple(), {k: v for k, v in final.items() if k.startswith("val")} | {"val.best_top1": best})
     return final
 
 

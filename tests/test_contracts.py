@@ -173,7 +173,7 @@ def test_batch_metrics_stay_on_the_logits_device():
 def test_an_epoch_run_to_its_end_keeps_the_dali_pipeline(image_tree):
     """train_one_epoch lets the loader finish (DALI's StopIteration) unless the epoch is cut, so the pipeline
     built in epoch 0 serves every later epoch; each new pipeline costs start-up time and host memory."""
-    from common.engine import StepRunner, train_one_epoch
+    from common.engine import Optimization, Precision, StepRunner, train_one_epoch
     from common.logger import RunLogger
 
     images = scan_split(image_tree / "train")
@@ -182,8 +182,8 @@ def test_an_epoch_run_to_its_end_keeps_the_dali_pipeline(image_tree):
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, len(images.classes)))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    step = StepRunner(model, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False),
-                      torch.nn.CrossEntropyLoss(), 1, None, False, "float16", 0.0)  # fmt: skip
+    opt = Optimization(optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False))
+    step = StepRunner(model, torch.nn.CrossEntropyLoss(), opt, Precision(amp=False))
     logger = RunLogger(None, enabled=False)
     pipelines = []
     for epoch in range(3):
