@@ -58,12 +58,20 @@ class DaliBatchSource:
         # Without a start-up scan (--image-check none) the header is read here, in a worker, once per epoch.
         return inspect_image(self.files[index], full=False)[1:]
 
+    def read(self, index: int) -> np.ndarray:
+        try:
+            return np.fromfile(self.files[index], dtype=np.uint8)
+        except OSError:
+            # An empty buffer fails in DALI's decoder, whose error handling names the file and the reason
+            # (an exception raised here would reach the user as a worker traceback).
+            return np.zeros(0, np.uint8)
+
     def __call__(self, info):
         epoch = self.first_epoch + info.epoch_idx
         batch = self.order(epoch)[info.iteration * self.batch_size : (info.iteration + 1) * self.batch_size]
         if len(batch) == 0:
             raise StopIteration
-        data = [np.fromfile(self.files[i], dtype=np.uint8) for i in batch]
+        data = [self.read(i) for i in batch]
         labels = [self.labels[i : i + 1] for i in batch]
         if not self.train:
             return data, labels
