@@ -1,9 +1,11 @@
 """Feeding cost of the DALI backend on ImageNet-sized JPEGs, as one command.
 
-(a) The training thread's own time per batch spent on feeding: CPU time of the consumer thread inside
-    ``next(iterator)`` (``time.thread_time``, so time spent idle-waiting for DALI is excluded), with a pause
-    after each batch standing in for the GPU's step so that the loader runs ahead. Measured for this checkout
-    and, with ``--old PATH``, for another checkout (e.g. ``git worktree add /tmp/old 15d13c7``).
+(a) The training thread's own time per batch spent on feeding, two ways: CPU time of the consumer thread inside
+    ``next(iterator)`` (``time.thread_time``, so time spent idle-waiting for DALI is excluded; the feeder's
+    file reads in the old design ran in a thread pool and are not in it), and the wall time of the feeder's
+    callback called directly (the old design ran it on the training thread, the new one in DALI's workers).
+    Measured for this checkout and, with ``--old PATH``, for another checkout (e.g.
+    ``git worktree add /tmp/old 15d13c7``).
 (b) ``convnets benchmark --mode data`` throughput for ``dali-cpu`` with ``--workers 1`` and ``--workers 2``.
 
     python benchmarks/feed_time.py --old /tmp/old
@@ -55,7 +57,28 @@ CONSUMER = textwrap.dedent(
             wall.append(time.perf_counter() - t0)
             time.sleep(pause)
         out.append({"epoch": epoch, "thread_cpu_ms": [1000 * c for c in cpu], "wall_ms": [1000 * w for w in wall]})
-    print("RESULT " + json.dumps(out))
+    # The feeder's own work per batch, called directly: the old design ran it on the training thread (file reads,
+    # header parses in the first epoch, crop windows), the new one runs it in DALI's worker processes.
+    callback = []
+    if hasattr(data, "_DaliSource"):
+        source = data._DaliSource(images, spec, True, data.shard_indices(len(images), spec, True, 0, 1))
+        call = lambda epoch, i: source()
+        start = lambda epoch: source.set_epoch(epoch)
+    else:
+        from common.data.dali_loader import DaliBatchSource
+        from types import SimpleNamespace
+        source = DaliBatchSource(images, spec, True, data.shard_indices(len(images), spec, True, 0, 1), 0)
+        call = lambda epoch, i: source(SimpleNamespace(epoch_idx=epoch, iteration=i))
+        start = lambda epoch: None
+    for epoch in range(epochs):
+        start(epoch)
+        times = []
+        for i in range(len(images) // 256):
+            t0 = time.perf_counter()
+            call(epoch, i)
+            times.append(1000 * (time.perf_counter() - t0))
+        callback.append({"epoch": epoch, "wall_ms": times})
+    print("RESULT " + json.dumps({"next": out, "callback": callback}))
     """
 )
 
@@ -122,15 +145,19 @@ def consumer_time(checkout: Path, data: Path, epochs: int, pause: float, workers
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     if line is None:
         raise SystemExit(f"consumer run in {checkout} failed:\n{proc.stderr[-3000:]}")
-    epochs_out = json.loads(line[len("RESULT ") :])
+    found = json.loads(line[len("RESULT ") :])
+    epochs_out = found["next"]
     for e in epochs_out:
-        # The first batch of an epoch waits for the pipeline to start; the steady state is what a step pays.
-        steady = e["thread_cpu_ms"][1:] or e["thread_cpu_ms"]
+        # The first batch of an epoch waits for the pipeline to start and the last two find nothing left to
+        # schedule: the batches between are what a step pays.
+        steady = e["thread_cpu_ms"][1:-2] or e["thread_cpu_ms"]
         e["thread_cpu_ms_median"] = float(np.median(steady))
-        e["wall_ms_median"] = float(np.median(e["wall_ms"][1:] or e["wall_ms"]))
+        e["wall_ms_median"] = float(np.median(e["wall_ms"][1:-2] or e["wall_ms"]))
+    for e in found["callback"]:
+        e["wall_ms_median"] = float(np.median(e["wall_ms"]))
     commit = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()  # fmt: skip
-    return {"checkout": str(checkout), "commit": commit, "epochs": epochs_out}
+    return {"checkout": str(checkout), "commit": commit, "epochs": epochs_out, "feeder_callback": found["callback"]}
 
 
 def data_throughput(data: Path, workers: int, iterations: int, warmup: int) -> dict:
@@ -148,7 +175,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--old", type=Path, help="a checkout of the feeder to compare with (e.g. commit 15d13c7)")
     p.add_argument("--data", type=Path, default=Path("/tmp/convnets-feed-bench"), help="generated JPEGs go here")
-    p.add_argument("--train-images", type=int, default=1024, help="training JPEGs (256 per batch)")
+    p.add_argument("--train-images", type=int, default=2048, help="training JPEGs (256 per batch)")
     p.add_argument("--epochs", type=int, default=2, help="epochs per consumer run (the old feeder's first differs)")
     p.add_argument("--pause", type=float, default=0.5, help="seconds after each batch, standing in for a step")
     p.add_argument("--workers", type=int, default=2, help="DALI threads for the consumer runs")
@@ -182,6 +209,10 @@ def main() -> None:
         "summary_thread_cpu_ms_per_batch": {
             name: [e["thread_cpu_ms_median"] for e in f["epochs"]] for name, f in feeders.items()
         },
+        "summary_feeder_callback_wall_ms_per_batch": {
+            name: [e["wall_ms_median"] for e in f["feeder_callback"]] for name, f in feeders.items()
+        },
+        "where_the_callback_runs": {"old": "training thread", "new": "DALI worker processes"},
         "data_mode_throughput": throughput,
         "machine": {
             "cpu": device_name(torch.device("cpu")),
@@ -197,7 +228,8 @@ def main() -> None:
     tmp = args.json.with_name(f".{args.json.name}.tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     os.replace(tmp, args.json)
-    print(json.dumps({k: result[k] for k in ("summary_thread_cpu_ms_per_batch", "machine")}, indent=2))
+    keys = ("summary_thread_cpu_ms_per_batch", "summary_feeder_callback_wall_ms_per_batch", "machine")
+    print(json.dumps({k: result[k] for k in keys}, indent=2))
     for t in throughput:
         print(f"dali-cpu --workers {t['workers']}: {t['throughput_img_s']:.0f} img/s")
 
