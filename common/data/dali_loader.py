@@ -15,7 +15,7 @@ import torch
 from common.data.checks import format_bad, inspect_image
 from common.data.dali_decode import dali_reason, dali_undecodable, require_dali
 from common.data.folders import ImageList
-from common.data.sampling import ShardIndices, shard_indices, train_augmentation
+from common.data.sampling import ShardIndices, shard_indices, train_augmentations
 from common.data.spec import IMAGENET_MEAN, IMAGENET_STD, Loader, PipelineSpec
 from common.errors import UserError
 
@@ -53,8 +53,6 @@ class DaliBatchSource:
         return self._order
 
     def size(self, index: int) -> tuple[int, int]:
-        if self.sizes is not None:
-            return int(self.sizes[index, 0]), int(self.sizes[index, 1])
         # Without a start-up scan (--image-check none) the header is read here, in a worker, once per epoch.
         return inspect_image(self.files[index], full=False)[1:]
 
@@ -75,14 +73,10 @@ class DaliBatchSource:
         labels = [self.labels[i : i + 1] for i in batch]
         if not self.train:
             return data, labels
-        anchors, shapes, mirrors = [], [], []
-        for index in batch:
-            w, h = self.size(index)
-            (x, y, cw, ch), flip = train_augmentation(self.seed, epoch, index, (max(1, w), max(1, h)),
-                                                      self.min_crop_scale)  # fmt: skip
-            anchors.append(np.array([x, y], np.float32))
-            shapes.append(np.array([cw, ch], np.float32))
-            mirrors.append(np.array(flip, np.int32))
+        sizes = np.array([self.size(i) for i in batch]) if self.sizes is None else self.sizes[batch]
+        windows, flips = train_augmentations(self.seed, epoch, batch, sizes, self.min_crop_scale)
+        anchors, shapes = list(np.ascontiguousarray(windows[:, :2])), list(np.ascontiguousarray(windows[:, 2:]))
+        mirrors = [np.array(flip, np.int32) for flip in flips]
         return data, labels, anchors, shapes, mirrors
 
 

@@ -103,8 +103,20 @@ def random_resized_crop_window(
     return (width - w) / 2 / width, (height - h) / 2 / height, w / width, h / height
 
 
+def train_augmentations(seed: int, epoch: int, indices: np.ndarray, sizes: np.ndarray, min_crop_scale: float):
+    """Crop windows (``(n, 4)`` float32: normalised x, y, w, h in the displayed frame) and flips (``(n,)`` bool)
+    of the training images ``indices`` with displayed ``sizes`` (``(n, 2)``: width, height). The uniforms of a
+    whole batch are drawn in one vectorised call; only torchvision's rejection loop runs per image."""
+    u = counter_uniforms(seed, epoch, np.asarray(indices), UNIFORMS_PER_IMAGE)
+    sizes = np.maximum(np.asarray(sizes, dtype=np.int64).reshape(-1, 2), 1)  # an unreadable file: DALI names it
+    windows = np.array(
+        [random_resized_crop_window(u[i], int(w), int(h), (min_crop_scale, 1.0)) for i, (w, h) in enumerate(sizes)],
+        dtype=np.float32,
+    ).reshape(-1, 4)
+    return windows, u[:, -1] < 0.5
+
+
 def train_augmentation(seed: int, epoch: int, index: int, size: tuple[int, int], min_crop_scale: float):
     """One training image's crop window (normalised x, y, w, h in the displayed frame) and flip."""
-    u = counter_uniforms(seed, epoch, np.array([index]), UNIFORMS_PER_IMAGE)[0]
-    window = random_resized_crop_window(u, int(size[0]), int(size[1]), (min_crop_scale, 1.0))
-    return window, bool(u[-1] < 0.5)
+    windows, flips = train_augmentations(seed, epoch, np.array([index]), np.array([size]), min_crop_scale)
+    return tuple(float(v) for v in windows[0]), bool(flips[0])
