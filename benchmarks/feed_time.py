@@ -6,7 +6,8 @@
     callback called directly (the old design ran it on the training thread, the new one in DALI's workers).
     Measured for this checkout and, with ``--old PATH``, for another checkout (e.g.
     ``git worktree add /tmp/old 15d13c7``).
-(b) ``convnets benchmark --mode data`` throughput for ``dali-cpu`` with ``--workers 1`` and ``--workers 2``.
+(b) ``convnets benchmark --mode data`` throughput for ``dali-cpu`` with ``--workers 1`` and ``--workers 2`` (for
+    both checkouts with ``--old``).
 
     python benchmarks/feed_time.py --old /tmp/old
 
@@ -160,15 +161,16 @@ def consumer_time(checkout: Path, data: Path, epochs: int, pause: float, workers
     return {"checkout": str(checkout), "commit": commit, "epochs": epochs_out, "feeder_callback": found["callback"]}
 
 
-def data_throughput(data: Path, workers: int, iterations: int, warmup: int) -> dict:
-    out = data / f".bench-w{workers}.json"
+def data_throughput(checkout: Path, data: Path, workers: int, iterations: int, warmup: int) -> dict:
+    out = data / f".bench-{checkout.name}-w{workers}.json"
     cmd = ["convnets", "benchmark", "--mode", "data", "--data", str(data), "--data-backend", "dali-cpu",
            "--workers", str(workers), "--batch-size", "256", "--iterations", str(iterations),
            "--warmup", str(warmup), "--image-check", "none", "--json", str(out)]  # fmt: skip
-    subprocess.run([sys.executable, "-m", "common", *cmd[1:]], cwd=REPO, check=True, capture_output=True)
+    env = dict(os.environ, PYTHONPATH=str(checkout))
+    subprocess.run([sys.executable, "-m", "common", *cmd[1:]], cwd=checkout, env=env, check=True, capture_output=True)
     result = json.loads(out.read_text())
-    return {"command": " ".join(cmd), "workers": workers, "throughput_img_s": result["throughput_img_s"],
-            "latency_ms": result["latency_ms"]}  # fmt: skip
+    return {"command": " ".join(cmd), "checkout": str(checkout), "workers": workers,
+            "throughput_img_s": result["throughput_img_s"], "latency_ms": result["latency_ms"]}  # fmt: skip
 
 
 def main() -> None:
@@ -195,7 +197,12 @@ def main() -> None:
     feeders = {"new": consumer_time(REPO, data, args.epochs, args.pause, args.workers)}
     if args.old:
         feeders["old"] = consumer_time(args.old.resolve(), data, args.epochs, args.pause, args.workers)
-    throughput = [data_throughput(data, w, args.iterations, args.warmup) for w in (1, 2)]
+    checkouts = {"new": REPO} | ({"old": args.old.resolve()} if args.old else {})
+    throughput = [
+        data_throughput(path, data, w, args.iterations, args.warmup) | {"feeder": name}
+        for name, path in checkouts.items()
+        for w in (1, 2)
+    ]
     result = {
         "command": "python benchmarks/feed_time.py " + " ".join(sys.argv[1:]),
         "what": "training thread CPU ms per batch of 256 inside next(iterator) (median over steady batches), "
@@ -231,7 +238,7 @@ def main() -> None:
     keys = ("summary_thread_cpu_ms_per_batch", "summary_feeder_callback_wall_ms_per_batch", "machine")
     print(json.dumps({k: result[k] for k in keys}, indent=2))
     for t in throughput:
-        print(f"dali-cpu --workers {t['workers']}: {t['throughput_img_s']:.0f} img/s")
+        print(f"{t['feeder']}: dali-cpu --workers {t['workers']}: {t['throughput_img_s']:.0f} img/s")
 
 
 if __name__ == "__main__":
