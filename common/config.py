@@ -75,7 +75,9 @@ class DataConfig:
     val_resize: int | None = opt(None, "shorter side before the eval center crop (default: image_size * 256/224)")
     min_crop_scale: float = opt(0.08, "smallest area fraction of RandomResizedCrop")
     image_check: str = opt(
-        "full", "check images at start-up: full decode, header only, or none", ("full", "header", "none")
+        "auto",
+        "check images at start-up: full decode, header only, none, or auto (full when cheap)",
+        ("auto", "full", "header", "none"),
     )
     skip_bad_images: bool = opt(False, "leave undecodable images out (with one warning) instead of stopping")
 

@@ -29,7 +29,7 @@ from common import distributed as dist
 from common.builders import build_model, build_optimizer, build_scheduler, load_optimizer_state
 from common.checkpoint import CheckpointManager, atomic_write_text, load_checkpoint, restore_rng, rng_state
 from common.config import TrainConfig
-from common.data import PipelineSpec, build_loader, default_backend, drop_bad_images, scan_split
+from common.data import PipelineSpec, build_data, default_backend
 from common.errors import UserError
 from common.logger import ProgressBar, RunLogger
 from common.registry import ModelSpec, check_width_mult, get_model_spec
@@ -49,9 +49,11 @@ def resolve_sizes(spec: ModelSpec, image_size: int | None, val_resize: int | Non
 
 
 def pipeline_spec(cfg, image_size: int, resize: int) -> PipelineSpec:
-    """What the loaders need from a train or benchmark configuration."""
+    """What the loaders need from a train or benchmark configuration (``cfg.amp`` already resolved): under fp16
+    AMP the loaders yield float16, which the first convolution would cast to anyway."""
     return PipelineSpec(image_size, resize, cfg.min_crop_scale, cfg.batch_size, cfg.workers,
-                        cfg.memory_format == "channels_last", cfg.seed)  # fmt: skip
+                        cfg.memory_format == "channels_last", cfg.seed,
+                        half=bool(cfg.amp) and cfg.amp_dtype == "float16")  # fmt: skip
 
 
 def resolve_amp(amp: bool | None, device: torch.device) -> bool:
@@ -421,41 +423,6 @@ def seed_everything(seed: int, rank: int, deterministic: bool) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     else:
         torch.backends.cudnn.benchmark = True
-
-
-@dataclass
-class DataBundle:
-    train: object
-    val: object
-    classes: list[str]
-
-
-def build_data(cfg: TrainConfig, backend: str, spec: PipelineSpec, device, rank: int, world: int) -> DataBundle:
-    """Scan DATA/train and DATA/val, drop or report bad files, and build both loaders."""
-    root = Path(cfg.data)
-    if not root.is_dir():
-        raise UserError(f"data folder {root} does not exist; pass --data DIR (an ImageFolder with train/ and val/)")
-    for split in ("train", "val"):
-        if not (root / split).is_dir():
-            raise UserError(f"data folder {root} has no {split}/ folder (expected {root}/{split}/<class>/*)")
-    train_images = scan_split(root / "train")
-    val_images = scan_split(root / "val", classes=train_images.classes)
-    if backend != "synthetic":
-        train_images, val_images = drop_bad_images(
-            [train_images, val_images], cfg.image_check, cfg.skip_bad_images, cfg.workers,
-            dali=backend.startswith("dali"), rank=rank, world=world, gather=dist.all_gather_object,
-        )  # fmt: skip
-    if len(train_images) < spec.batch_size * world:
-        raise UserError(
-            f"{root / 'train'} has {len(train_images)} images, fewer than one global batch "
-            f"({spec.batch_size} x {world}); lower --batch-size"
-        )
-    val_spec = dataclasses.replace(spec, batch_size=min(spec.batch_size, max(1, len(val_images))))
-    return DataBundle(
-        train=build_loader(backend, train_images, spec, True, device, rank, world),
-        val=build_loader(backend, val_images, val_spec, False, device, rank, world),
-        classes=train_images.classes,
-    )
 
 
 def checkpoint_state(model: nn.Module, opt: Optimization, epoch: int, step: int, config: dict, classes, best: float,

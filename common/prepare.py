@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.data import dali_undecodable, find_bad_images, format_bad, image_files
+from common.data import CheckCache, find_bad_images, format_bad, image_files
 from common.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -121,18 +121,25 @@ def prepare_fashion_mnist(out: Path, source: Path | None = None, workers: int = 
 
 
 def check_tree(root: Path, workers: int) -> dict[str, str]:
-    """Every undecodable image file below ``root`` (by full decode), as ``{path: reason}``."""
+    """Every undecodable image file below ``root`` (by full decode), as ``{path: reason}``.
+
+    Verdicts are cached with training's (see :mod:`common.data.checks`): a check after a check, or a training
+    run after this one, decodes only new or changed files.
+    """
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"{root} is not a folder")
     files = image_files(root)[0]
-    bad = find_bad_images(files, full=True, workers=workers)
+    cache = CheckCache(root)
+    bad = find_bad_images(files, full=True, workers=workers, cache=cache)
     # Also what DALI's decoder rejects: the DALI backends train with it, and it refuses a few files PIL reads.
     try:
-        bad = dict(sorted((bad | dali_undecodable([f for f in files if f not in bad], workers)).items()))
+        bad = dict(sorted((bad | find_bad_images(files, full=True, workers=workers, dali=True, cache=cache)).items()))
     except UserError as e:
         log.info("checked with PIL only: %s", e)
-    log.info("checked %d image files below %s: %d cannot be decoded", len(files), root, len(bad))
+    saved = cache.save()
+    log.info("checked %d image files below %s: %d cannot be decoded%s", len(files), root, len(bad),
+             f" (verdicts cached in {saved})" if saved else "")  # fmt: skip
     if bad:
         print(format_bad(bad, limit=len(bad)))
     return bad

@@ -1,0 +1,151 @@
+"""The pytorch backend: PIL decoding in DataLoader workers, torchvision's functional transforms, pinned memory and
+(on GPU) a side stream that copies the next batch while the current one computes."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from common.data.folders import ImageList
+from common.data.sampling import ShardIndices, shard_indices, train_augmentation
+from common.data.spec import Loader, Normalizer, PipelineSpec
+from common.errors import UserError
+
+
+def eval_transform(spec: PipelineSpec):
+    """Resize the shorter side, then center crop (the same for the loaders and for ``predict``)."""
+    from torchvision.transforms import v2
+
+    return v2.Compose([v2.Resize(spec.resize_size, antialias=True), v2.CenterCrop(spec.image_size)])
+
+
+class TrainTransform:
+    """RandomResizedCrop + horizontal flip with the crop window and flip drawn from (seed, epoch, index) by the
+    same counter-based uniforms as the DALI backends, so both take the same region of the same image."""
+
+    def __init__(self, spec: PipelineSpec):
+        self.spec = spec
+
+    def __call__(self, image: torch.Tensor, epoch: int, index: int) -> torch.Tensor:
+        from torchvision.transforms.v2 import functional as F
+
+        height, width = image.shape[-2:]
+        (x, y, w, h), flip = train_augmentation(self.spec.seed, epoch, index, (width, height), self.spec.min_crop_scale)
+        top, left = round(y * height), round(x * width)
+        size = [self.spec.image_size, self.spec.image_size]
+        image = F.resized_crop(image, top, left, round(h * height), round(w * width), size, antialias=True)
+        return F.hflip(image) if flip else image
+
+
+def load_rgb(path: str) -> torch.Tensor:
+    """Decode any PIL-readable image (grayscale, palette, RGBA, CMYK, 16-bit, ...) to uint8 RGB CHW, as DALI's
+    decoders do: the EXIF orientation applied, 16-bit values scaled by 255/65535, float images by 255."""
+    from PIL import Image, ImageOps
+    from torchvision.transforms.v2 import functional as F
+
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("F", "I") or im.mode.startswith("I;16"):
+            # PIL's convert("RGB") clips these to 0..255: 16-bit images would turn white, float ones black.
+            scale = 255.0 if im.mode == "F" else 255.0 / 65535.0
+            grey = np.clip(np.asarray(im, dtype=np.float64) * scale, 0, 255).round().astype(np.uint8)
+            im = Image.fromarray(grey)
+        return F.pil_to_tensor(im.convert("RGB"))
+
+
+class BadImageError(UserError):
+    """A file the loader cannot decode, named by path (raised in DataLoader workers, re-raised here)."""
+
+
+class _ImageDataset(torch.utils.data.Dataset):
+    """Decodes with PIL (every mode becomes RGB); training crops come from :class:`TrainTransform`."""
+
+    def __init__(self, images: ImageList, spec: PipelineSpec, train: bool):
+        self.files, self.labels = images.files, images.labels
+        self.train_transform = TrainTransform(spec) if train else None
+        self.eval_transform = None if train else eval_transform(spec)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, item: tuple[int, int]):
+        index, epoch = item
+        try:
+            image = load_rgb(self.files[index])
+        except Exception as e:  # noqa: BLE001 - any decoder failure: name the file instead of a worker traceback
+            raise BadImageError(f"cannot decode {self.files[index]} ({type(e).__name__}: {e})") from None
+        if self.train_transform is not None:
+            image = self.train_transform(image, epoch, index)
+        else:
+            image = self.eval_transform(image)
+        return image, self.labels[index]
+
+
+class _EpochSampler(torch.utils.data.Sampler):
+    """Yields ``(index, epoch)`` so persistent workers learn the epoch without being restarted."""
+
+    def __init__(self, indices_for_epoch: ShardIndices):
+        self.indices_for_epoch, self.epoch = indices_for_epoch, 0
+
+    def __iter__(self):
+        return ((int(i), self.epoch) for i in self.indices_for_epoch(self.epoch))
+
+    def __len__(self):
+        return len(self.indices_for_epoch(self.epoch))
+
+
+class PytorchLoader(Loader):
+    """torch DataLoader workers, pinned memory, and (on GPU) a side stream that copies the next batch while
+    the current one computes; normalisation happens on the device, where it is cheap."""
+
+    def __init__(self, images: ImageList, spec: PipelineSpec, train: bool, device, rank: int, world: int):
+        self.sampler = _EpochSampler(shard_indices(len(images), spec, train, rank, world))
+        self.loader = torch.utils.data.DataLoader(
+            _ImageDataset(images, spec, train),
+            batch_size=spec.batch_size,
+            sampler=self.sampler,
+            num_workers=spec.workers,
+            pin_memory=device.type == "cuda",
+            drop_last=train,
+            persistent_workers=spec.workers > 0,
+            prefetch_factor=4 if spec.workers > 0 else None,
+        )
+        super().__init__(len(self.loader))
+        self.device = device
+        self.normalize = Normalizer(device, spec.channels_last, spec.dtype)
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.sampler.epoch = epoch
+
+    def _to_device(self, batch):
+        images, labels = batch
+        return self.normalize(images.to(self.device, non_blocking=True)), labels.to(self.device, non_blocking=True)
+
+    def _batches(self):
+        """The DataLoader's batches; a worker's BadImageError arrives wrapped in its traceback: unwrap it."""
+        try:
+            yield from self.loader
+        except BadImageError as e:
+            lines = [line[line.index("cannot decode ") :] for line in str(e).splitlines() if "cannot decode " in line]
+            message = lines[-1] if lines else str(e)
+            raise BadImageError(f"{message}\nRun `convnets prepare --check DATA` to list every bad file.") from None
+
+    def __iter__(self):
+        if self.device.type != "cuda":
+            for batch in self._batches():
+                yield self._to_device(batch)
+            return
+        stream = torch.cuda.Stream()
+        pending = None
+        for batch in self._batches():
+            with torch.cuda.stream(stream):
+                ready = self._to_device(batch)
+            if pending is not None:
+                yield pending
+            torch.cuda.current_stream().wait_stream(stream)
+            for t in ready:
+                t.record_stream(torch.cuda.current_stream())
+            pending = ready
+        if pending is not None:
+            yield pending

@@ -1,0 +1,120 @@
+"""Start-up checks that scale: verdicts and sizes cached by (path, size, mtime), shared by training and
+`convnets prepare --check`, so a second check decodes only new or changed files."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import pytest
+
+from common.data import checks, drop_bad_images, scan_split
+from common.errors import UserError
+from common.prepare import check_tree
+
+
+def small_tree(root, n: int = 6):
+    from PIL import Image
+
+    for split in ("train", "val"):
+        folder = root / split / "a"
+        folder.mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(np.full((10 + i, 20, 3), 40 * i, np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Count PIL opens (by depth) and DALI decodes done by the checks."""
+    calls = {"header": 0, "full": 0, "dali": 0}
+    inspect, dali = checks.inspect_image, checks.dali_undecodable
+
+    def inspect_counted(path, full=True):
+        calls["full" if full else "header"] += 1
+        return inspect(path, full)
+
+    def dali_counted(files, *args, **kwargs):
+        calls["dali"] += len(files)
+        return dali(files, *args, **kwargs)
+
+    monkeypatch.setattr(checks, "inspect_image", inspect_counted)
+    monkeypatch.setattr(checks, "dali_undecodable", dali_counted)
+    return calls
+
+
+def splits(root):
+    train = scan_split(root / "train")
+    return [train, scan_split(root / "val", classes=train.classes)]
+
+
+def test_a_second_check_decodes_only_new_or_changed_files(tmp_path, counted):
+    root = small_tree(tmp_path)
+    train, val = drop_bad_images(splits(root), "full", skip_bad=False, workers=1)
+    assert counted == {"header": 0, "full": 12, "dali": 0}
+    assert train.sizes.tolist() == [[20, 10 + i] for i in range(6)]
+    assert (root / checks.CACHE_NAME).is_file()
+
+    again = drop_bad_images(splits(root), "full", skip_bad=False, workers=1)  # a resume, a second run
+    assert counted["full"] == 12 and np.array_equal(again[0].sizes, train.sizes)
+
+    changed = root / "train" / "a" / "3.png"
+    changed.write_bytes(b"not an image any more")
+    os.utime(changed, ns=(1, 1))
+    with pytest.raises(UserError, match="3.png: not an image"):
+        drop_bad_images(splits(root), "full", skip_bad=False, workers=1)
+    assert counted["full"] == 13
+    # A known-bad file stays bad without a decode, whatever the check's depth.
+    with pytest.raises(UserError, match="3.png"):
+        drop_bad_images(splits(root), "header", skip_bad=False, workers=1)
+    assert counted["full"] == 13 and counted["header"] == 0
+
+
+def test_training_and_prepare_check_share_the_cache(tmp_path, counted):
+    root = small_tree(tmp_path)
+    assert check_tree(root, workers=1) == {}
+    assert counted == {"header": 0, "full": 12, "dali": 12}
+    drop_bad_images(splits(root), "full", skip_bad=False, workers=1, dali=True)  # a DALI training run
+    drop_bad_images(splits(root), "full", skip_bad=False, workers=1, dali=False)  # a pytorch one
+    assert counted == {"header": 0, "full": 12, "dali": 12}
+
+
+def test_a_header_check_is_cached_then_deepened(tmp_path, counted):
+    root = small_tree(tmp_path)
+    drop_bad_images(splits(root), "header", skip_bad=False, workers=1)
+    drop_bad_images(splits(root), "full", skip_bad=False, workers=1, dali=True)
+    assert counted == {"header": 12, "full": 0, "dali": 12}
+
+
+def test_the_cache_goes_to_the_user_cache_dir_when_the_data_folder_is_read_only(tmp_path, monkeypatch):
+    root = small_tree(tmp_path / "data")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    mkstemp = checks.tempfile.mkstemp
+
+    def read_only_data(*args, dir=None, **kwargs):
+        if os.path.realpath(dir) == os.path.realpath(root):
+            raise PermissionError(13, "Read-only file system", str(dir))
+        return mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(checks.tempfile, "mkstemp", read_only_data)
+    drop_bad_images(splits(root), "header", skip_bad=False, workers=1)
+    assert not (root / checks.CACHE_NAME).exists()
+    (saved,) = list((tmp_path / "cache" / "convnets").glob("check-cache-*.json.gz"))
+    assert len(checks.CheckCache(root).entries) == 12 and checks.CheckCache(root).loaded_from == saved
+
+
+def test_auto_decodes_when_cheap_and_says_why(tmp_path, counted, caplog, monkeypatch):
+    root = small_tree(tmp_path)
+    with caplog.at_level(logging.INFO, logger="common.data.checks"):
+        drop_bad_images(splits(root), "auto", skip_bad=False, workers=1)
+    assert counted["full"] == 12 and "image check: full (12 of 12 files not yet checked" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(checks, "AUTO_FULL_LIMIT", 5)
+    (root / "train" / "a" / "new.png").write_bytes((root / "train" / "a" / "0.png").read_bytes())
+    for name in ("x", "y", "z", "w", "v", "u"):
+        (root / "val" / "a" / f"{name}.png").write_bytes((root / "val" / "a" / "0.png").read_bytes())
+    with caplog.at_level(logging.INFO, logger="common.data.checks"):
+        drop_bad_images(splits(root), "auto", skip_bad=False, workers=1)
+    assert "image check: header (7 of 19 files not yet decoded" in caplog.text
+    assert counted["full"] == 12 and counted["header"] == 7
