@@ -29,7 +29,7 @@ from common import distributed as dist
 from common.builders import build_model, build_optimizer, build_scheduler, load_optimizer_state
 from common.checkpoint import CheckpointManager, atomic_write_text, load_checkpoint, restore_rng, rng_state
 from common.config import TrainConfig
-from common.data import PipelineSpec, build_data, default_backend
+from common.data import DataBundle, PipelineSpec, build_data, default_backend
 from common.errors import UserError
 from common.logger import ProgressBar, RunLogger
 from common.registry import ModelSpec, check_width_mult, get_model_spec
