@@ -93,17 +93,59 @@ def build_model(
     return model
 
 
+class BackboneStages:
+    """Two-stage fine-tuning: for the first ``freeze_epochs`` epochs only the head trains, then everything.
+
+    Stage 1 sets ``requires_grad=False`` on the backbone (no backbone gradients are computed, and optimizers skip
+    parameters without a gradient: no update, no weight decay, no momentum) and keeps the backbone's BatchNorm
+    layers in eval mode, so they normalise with the pretrained statistics and leave them untouched: a few epochs of
+    a small data set's batch statistics would otherwise overwrite ImageNet's before the backbone even trains. The
+    layers are not swapped for FrozenBatchNorm2d (as ``--freeze-backbone`` does) because stage 2 trains them again
+    and the state_dict must keep its keys. The stage is a function of the epoch alone, so a resume lands in it.
+    """
+
+    def __init__(self, model: nn.Module, spec: ModelSpec, freeze_epochs: int):
+        self.model, self.freeze_epochs = model, freeze_epochs
+        head = model.get_submodule(spec.head)
+        head_ids = {id(p) for p in head.parameters()}
+        head_modules = {id(m) for m in head.modules()}
+        self.backbone = [p for p in model.parameters() if id(p) not in head_ids]
+        norms = (m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+        self.backbone_norms = [m for m in norms if id(m) not in head_modules]
+
+    def frozen(self, epoch: int) -> bool:
+        return epoch < self.freeze_epochs
+
+    def apply(self, epoch: int) -> None:
+        """Set the stage of ``epoch``; call after ``model.train()``, which would put the BatchNorm layers back in
+        training mode."""
+        frozen = self.frozen(epoch)
+        for p in self.backbone:
+            p.requires_grad_(not frozen)
+        if frozen and self.model.training:
+            for m in self.backbone_norms:
+                m.eval()
+
+
+def head_parameter_ids(model: nn.Module, spec: ModelSpec) -> set[int]:
+    return {id(p) for p in model.get_submodule(spec.head).parameters()}
+
+
 def _is_depthwise(module: nn.Module) -> bool:
     return isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
 
 
-def parameter_groups(model: nn.Module, weight_decay: float, bn_decay: bool, depthwise_decay: bool) -> list[dict]:
+def parameter_groups(model: nn.Module, weight_decay: float, bn_decay: bool, depthwise_decay: bool,
+                     head: set[int] | None = None, backbone_lr: float | None = None) -> list[dict]:  # fmt: skip
     """Split parameters into decayed and not decayed.
 
     Biases and normalisation parameters get no weight decay unless ``bn_decay`` (NVIDIA's recipe);
     depthwise kernels can be spared too (MobileNet's recipe), decided by the recipe rather than the engine.
+    With ``backbone_lr``, the parameters outside ``head`` (ids) form two more groups at that learning rate,
+    after the head's two (so ``param_groups[0]`` stays the head's, the one the log shows).
     """
-    decay, no_decay = [], []
+    decay, no_decay, backbone_decay, backbone_no_decay = [], [], [], []
+    split = backbone_lr is not None
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
             if not p.requires_grad:
@@ -111,11 +153,21 @@ def parameter_groups(model: nn.Module, weight_decay: float, bn_decay: bool, dept
             is_norm = isinstance(module, nn.modules.batchnorm._NormBase | nn.GroupNorm | nn.LayerNorm)
             skip = (name == "bias" or is_norm) and not bn_decay
             skip = skip or (_is_depthwise(module) and not depthwise_decay)
-            (no_decay if skip else decay).append(p)
-    return [
+            if split and id(p) not in head:
+                (backbone_no_decay if skip else backbone_decay).append(p)
+            else:
+                (no_decay if skip else decay).append(p)
+    groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    if split:
+        groups += [
+            {"params": backbone_decay, "weight_decay": weight_decay, "lr": backbone_lr},
+            {"params": backbone_no_decay, "weight_decay": 0.0, "lr": backbone_lr},
+        ]
+        groups = [g for g in groups if g["params"]]
+    return groups
 
 
 # Optimizers with a fused kernel in torch. Fused, the optimizer reads the GradScaler's scale and inf flag on the
@@ -136,10 +188,18 @@ def optimizer_implementation(name: str, device_type: str) -> dict:
     return {"fused": False, "foreach": True} if name in FUSED_OPTIMIZERS else {"foreach": True}
 
 
-def build_optimizer(model: nn.Module, cfg, lr: float) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg, lr: float, spec: ModelSpec | None = None) -> torch.optim.Optimizer:
     """SGD (NVIDIA's recipe), RMSprop (MobileNet's paper) or AdamW, over :func:`parameter_groups`, in the
-    implementation :func:`optimizer_implementation` picks for the model's device."""
-    groups = parameter_groups(model, cfg.weight_decay, cfg.bn_weight_decay, cfg.depthwise_weight_decay)
+    implementation :func:`optimizer_implementation` picks for the model's device.
+
+    A ``cfg.backbone_lr_mult`` other than 1 gives the backbone (everything but ``spec.head``) that share of the
+    learning rate; the schedule then scales both (LambdaLR multiplies each group's own initial lr).
+    """
+    mult = getattr(cfg, "backbone_lr_mult", 1.0)
+    split = spec is not None and mult != 1.0
+    groups = parameter_groups(model, cfg.weight_decay, cfg.bn_weight_decay, cfg.depthwise_weight_decay,
+                              head=head_parameter_ids(model, spec) if split else None,
+                              backbone_lr=lr * mult if split else None)  # fmt: skip
     impl = optimizer_implementation(cfg.optimizer, next(model.parameters()).device.type)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, **impl)

@@ -108,8 +108,35 @@ class PrecisionConfig:
     )
 
 
+AUTO_AUGMENT = ("autoaugment", "randaugment", "trivialaugment")
+
+
 @dataclass
-class TrainConfig(DataConfig, ModelConfig, PrecisionConfig, DeviceConfig):
+class AugmentConfig:
+    """Training augmentation beyond the crop and flip, per data set (the pytorch backend has all of it; the DALI
+    backends the flips)."""
+
+    hflip: bool = opt(True, "random horizontal flips (--no-hflip for text and other orientation-dependent images)")
+    vflip: bool = opt(False, "random vertical flips too (aerial, microscopy, ... images without an up)")
+    auto_augment: str | None = opt(None, "a learned or random augmentation policy (torchvision's)", AUTO_AUGMENT)
+    rotation: float = opt(0.0, "random rotation by up to +-DEG degrees", metavar="DEG")
+    color_jitter: float = opt(0.0, "brightness, contrast and saturation jitter of strength S (0.4 is common)",
+                              metavar="S")  # fmt: skip
+    random_erasing: float = opt(0.0, "probability of erasing a random rectangle (after normalisation)", metavar="P")
+
+
+@dataclass
+class TrainConfig(AugmentConfig, DataConfig, ModelConfig, PrecisionConfig, DeviceConfig):
+    freeze_backbone_epochs: int = opt(
+        0,
+        "two-stage fine-tuning: train only the head for N epochs (backbone BatchNorm frozen), then everything",
+        metavar="N",
+    )
+    backbone_lr_mult: float = opt(1.0, "the backbone's learning rate as a multiple of the head's", metavar="M")
+    balance: bool = opt(False, "weigh the loss by inverse class frequency (for imbalanced training sets)")
+    positive_class: str | None = opt(
+        None, "also report precision, recall, F1 and ROC AUC of this class against the others", metavar="NAME"
+    )
     epochs: int = opt(90, "training epochs")
     batch_size: int = opt(256, "images per device per step")
     optimizer_batch_size: int | None = opt(
@@ -187,6 +214,17 @@ class PredictConfig(DeviceConfig):
     topk: int = opt(5, "classes per image")
     batch_size: int = opt(32, "images per batch")
     csv: bool = opt(False, "CSV instead of JSON lines")
+
+
+@dataclass
+class AugmentPreviewConfig(AugmentConfig):
+    data: str | None = opt(None, "an ImageFolder root holding train/ (or a split folder itself)", required=True)
+    out: str = opt("augment_preview.png", "PNG file to write")
+    image_size: int = opt(128, "size of each augmented sample")
+    min_crop_scale: float = same_as(DataConfig, "min_crop_scale")
+    images: int = opt(8, "training images (rows)")
+    samples: int = opt(8, "augmented versions of each (columns; the first is the image as the model sees it at eval)")
+    seed: int = opt(0, "which images and which draws")
 
 
 @dataclass
@@ -315,7 +353,8 @@ MINIMUMS = {
     "epochs": 1, "batch_size": 1, "optimizer_batch_size": 1, "workers": 0, "image_size": 16, "val_resize": 16,
     "keep_last": 1, "print_freq": 1, "eval_every": 1, "max_steps_per_epoch": 1, "iterations": 1, "warmup": 0,
     "num_classes": 1, "lr": 0.0, "weight_decay": 0.0, "label_smoothing": 0.0, "mixup": 0.0, "warmup_epochs": 0.0,
-    "topk": 1,
+    "topk": 1, "freeze_backbone_epochs": 0, "backbone_lr_mult": 0.0, "rotation": 0.0, "color_jitter": 0.0,
+    "random_erasing": 0.0, "images": 1, "samples": 1,
 }  # fmt: skip
 
 
@@ -326,6 +365,11 @@ def validate(cfg) -> None:
             raise UserError(f"--{key.replace('_', '-')} must be at least {low}, got {value}")
     if not 0 < getattr(cfg, "min_crop_scale", 0.5) <= 1:
         raise UserError(f"--min-crop-scale must be in (0, 1], got {cfg.min_crop_scale}")
+    if getattr(cfg, "random_erasing", 0.0) > 1:
+        raise UserError(f"--random-erasing is a probability, got {cfg.random_erasing}")
+    if getattr(cfg, "freeze_backbone_epochs", 0) and cfg.freeze_backbone:
+        raise UserError("--freeze-backbone trains the head alone for the whole run; --freeze-backbone-epochs for "
+                        "the first N epochs: pass one of them")  # fmt: skip
     if getattr(cfg, "ema_decay", None) is not None and not 0 < cfg.ema_decay < 1:
         raise UserError(f"--ema-decay must be between 0 and 1, got {cfg.ema_decay}")
     if getattr(cfg, "lr_step_every", None) is not None and cfg.lr_step_every <= 0:
@@ -356,6 +400,10 @@ def fit_schedule(cfg, written_for: int, typed: set[str]):
             changes["lr_step_every"] = round(cfg.lr_step_every * scale, 6)
         elif cfg.lr_step_every is None and "lr_steps" not in typed:
             changes["lr_steps"] = [round(s * scale, 6) for s in cfg.lr_steps]
+    freeze = getattr(cfg, "freeze_backbone_epochs", 0)
+    if freeze and "freeze_backbone_epochs" not in typed and scale < 1:
+        # The head's stage keeps its share of the run, and leaves at least one epoch to the whole network.
+        changes["freeze_backbone_epochs"] = min(max(1, round(freeze * scale)), cfg.epochs - 1)
     if changes:
         said = ", ".join(f"{k} {getattr(cfg, k)} -> {v}" for k, v in changes.items())
         log.info("schedule fitted to this %d-epoch run (written for %d epochs): %s", cfg.epochs, written_for, said)
@@ -376,4 +424,7 @@ def resolve(cls, cli: dict, preset: str | None = None, profile: str | None = Non
     validate(cfg)
     if hasattr(cfg, "lr_schedule"):
         cfg = fit_schedule(cfg, written_for, set(cli))
+    if getattr(cfg, "freeze_backbone_epochs", 0) >= getattr(cfg, "epochs", 1) > 0:
+        raise UserError(f"--freeze-backbone-epochs {cfg.freeze_backbone_epochs} leaves none of the {cfg.epochs} "
+                        "epochs to the whole network; use --freeze-backbone to train the head alone")  # fmt: skip
     return cfg

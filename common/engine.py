@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from common import distributed as dist
-from common.builders import build_model, build_optimizer, build_scheduler, load_optimizer_state
+from common.builders import BackboneStages, build_model, build_optimizer, build_scheduler, load_optimizer_state
 from common.checkpoint import CheckpointManager, atomic_write_text, load_checkpoint, restore_rng, rng_state
 from common.config import TrainConfig
 from common.data import DataBundle, PipelineSpec, build_data, default_backend
@@ -159,14 +159,15 @@ class Optimization:
 
 
 def build_optimization(model: nn.Module, cfg, lr: float, steps_per_epoch: int, precision: Precision,
-                       accumulation: int = 1) -> Optimization:  # fmt: skip
+                       accumulation: int = 1, spec: ModelSpec | None = None) -> Optimization:  # fmt: skip
     """The optimizer over the model's parameter groups (fused on CUDA), the per-step LR schedule, a GradScaler
     enabled for fp16 autocast, and an EMA when ``cfg.ema_decay`` asks for one.
 
-    ``cfg`` is a :class:`TrainConfig` (the benchmark passes the defaults, so it times the same step).
+    ``cfg`` is a :class:`TrainConfig` (the benchmark passes the defaults, so it times the same step); ``spec``
+    names the head, for a backbone learning rate of its own (``cfg.backbone_lr_mult``).
     """
     device_type = next(model.parameters()).device.type
-    optimizer = build_optimizer(model, cfg, lr)
+    optimizer = build_optimizer(model, cfg, lr, spec)
     return Optimization(
         optimizer=optimizer,
         scheduler=build_scheduler(optimizer, cfg, steps_per_epoch),
@@ -243,9 +244,11 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def train_one_epoch(step: StepRunner, loader, epoch: int, logger: RunLogger, print_freq: int,
-                    max_steps: int | None, world: int) -> dict:  # fmt: skip
+                    max_steps: int | None, world: int, stages: BackboneStages | None = None) -> dict:  # fmt: skip
     """Train one epoch; returns the epoch's mean loss, throughput and timing."""
     step.model.train()
+    if stages is not None:
+        stages.apply(epoch)  # after train(): a frozen backbone's BatchNorm goes back to eval mode
     loader.set_epoch(epoch)
     total = min(len(loader), max_steps or len(loader))
     bar = ProgressBar(total, f"epoch {epoch}", logger.enabled)
@@ -511,6 +514,20 @@ def build_train_model(cfg: TrainConfig, spec: ModelSpec, num_classes: int, rt: d
     return model.to(rt.device, memory_format=memory_format)
 
 
+def class_weights(counts: list[int], num_classes: int, device: torch.device) -> torch.Tensor:
+    """Cross-entropy weights for ``--balance``: inverse class frequency, scaled so that the mean weight over the
+    training images is 1 (the loss, and so the learning rate, keep their scale). A class without images (a
+    ``--num-classes`` larger than the folders) gets weight 1: it never appears as a target."""
+    counts_t = torch.zeros(num_classes, dtype=torch.float64)
+    counts_t[: len(counts)] = torch.tensor(counts, dtype=torch.float64)
+    present = counts_t > 0
+    weights = torch.ones(num_classes, dtype=torch.float64)
+    weights[present] = counts_t.sum() / (present.sum() * counts_t[present])
+    log.info("--balance: class weights %.3g to %.3g (inverse class frequency)", weights[present].min().item(),
+             weights[present].max().item())  # fmt: skip
+    return weights.float().to(device)
+
+
 def steps_per_epoch(cfg: TrainConfig, data: DataBundle, accumulation: int) -> int:
     steps = min(len(data.train), cfg.max_steps_per_epoch or len(data.train)) // accumulation
     if steps == 0:
@@ -576,11 +593,19 @@ def train(cfg: TrainConfig) -> dict:
     model = build_train_model(cfg, spec, num_classes, rt)
     precision = Precision(cfg.amp, cfg.amp_dtype)
     opt = build_optimization(model, cfg, plan.lr, steps_per_epoch(cfg, data, plan.accumulation), precision,
-                             plan.accumulation)  # fmt: skip
+                             plan.accumulation, spec)  # fmt: skip
     ckpts = CheckpointManager(plan.output, cfg.keep_last)
     progress = resume(cfg, ckpts, data.classes, model, opt, rt)
+    stages = BackboneStages(model, spec, cfg.freeze_backbone_epochs) if cfg.freeze_backbone_epochs else None
+    if stages is not None:
+        # Before DDP wraps the model: DDP reduces the gradients of the parameters that require them at that time.
+        stages.apply(progress.start_epoch)
+        if rt.is_main:
+            log.info("two-stage fine-tuning: the head alone for %d epoch(s), then the whole network (backbone lr x %g)",
+                     cfg.freeze_backbone_epochs, cfg.backbone_lr_mult)  # fmt: skip
     train_model, eval_model = wrap(model, cfg, rt)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    weights = class_weights(data.class_counts, num_classes, rt.device) if cfg.balance else None
+    criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing)
     step = StepRunner(train_model, criterion, opt, precision, cfg.mixup, cuda_graphs=cfg.compile == "reduce-overhead")
 
     logger = RunLogger(plan.output / "log.json", enabled=rt.is_main)
@@ -591,7 +616,7 @@ def train(cfg: TrainConfig) -> dict:
             cfg.arch, rt.device, num_classes, len(data.train), cfg.batch_size, rt.world_size, plan.lr, plan.backend,
         )  # fmt: skip
     try:
-        return run_epochs(cfg, step, eval_model, data, num_classes, progress, ckpts, resolved, logger, rt)
+        return run_epochs(cfg, step, eval_model, data, num_classes, progress, ckpts, resolved, logger, rt, stages)
     finally:
         logger.close()
         dist.cleanup()
@@ -599,7 +624,7 @@ def train(cfg: TrainConfig) -> dict:
 
 def run_epochs(cfg: TrainConfig, step: StepRunner, eval_model: nn.Module, data: DataBundle, num_classes: int,
                progress: Progress, ckpts: CheckpointManager, resolved: dict, logger: RunLogger,
-               rt: dist.Runtime) -> dict:  # fmt: skip
+               rt: dist.Runtime, stages: BackboneStages | None = None) -> dict:  # fmt: skip
     """The epoch loop: train, evaluate when due, log, checkpoint; returns the last epoch's metrics."""
     opt, precision = step.opt, step.precision
     model = unwrap(step.model)
@@ -607,8 +632,15 @@ def run_epochs(cfg: TrainConfig, step: StepRunner, eval_model: nn.Module, data: 
     epoch_steps = steps_per_epoch(cfg, data, opt.accumulation)
     final: dict = {}
     for epoch in range(progress.start_epoch, cfg.epochs):
+        if stages is not None and epoch == stages.freeze_epochs and epoch > progress.start_epoch:
+            # Stage 2: the backbone trains again. DDP and torch.compile wrapped the model with a frozen backbone
+            # (DDP would never reduce its gradients), so wrap it anew.
+            stages.apply(epoch)
+            step.model, eval_model = wrap(model, cfg, rt)
+            if rt.is_main:
+                log.info("epoch %d: stage 2, the whole network trains", epoch)
         metrics = train_one_epoch(step, data.train, epoch, logger, cfg.print_freq, cfg.max_steps_per_epoch,
-                                  rt.world_size)  # fmt: skip
+                                  rt.world_size, stages)  # fmt: skip
         global_step += epoch_steps
         metrics["train.rss_mb"] = host_rss_mb()
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from common.data.checks import (
@@ -80,6 +81,7 @@ class DataBundle:
     train: Loader
     val: Loader
     classes: list[str]
+    class_counts: list[int] = dataclasses.field(default_factory=list)  # training images per class (--balance)
 
 
 def build_data(cfg: TrainConfig, backend: str, spec: PipelineSpec, device, rank: int, world: int) -> DataBundle:
@@ -109,4 +111,5 @@ def build_data(cfg: TrainConfig, backend: str, spec: PipelineSpec, device, rank:
         train=build_loader(backend, train_images, spec, True, device, rank, world),
         val=build_loader(backend, val_images, val_spec, False, device, rank, world),
         classes=train_images.classes,
+        class_counts=np.bincount(train_images.labels, minlength=len(train_images.classes)).tolist(),
     )

@@ -1,0 +1,103 @@
+"""Fine-tuning on small data sets: the two-stage schedule (head, then everything at a lower backbone lr), its
+resume, class-balanced loss and the recipes' finetune profiles. Pretrained weights are a local file (no network)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+import torchvision
+
+from common import config
+from common.checkpoint import load_checkpoint
+from common.errors import UserError
+from common.registry import get_model_spec
+from tests.conftest import make_tree
+
+TINY = {"arch": "resnet18", "image_size": 32, "batch_size": 8, "workers": 0, "data_backend": "pytorch",
+        "max_steps_per_epoch": 2, "eval_every": 10, "print_freq": 1, "deterministic": True, "seed": 1,
+        "warmup_epochs": 0.0, "lr": 0.1, "image_check": "none", "label_smoothing": 0.0}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def small_tree(tmp_path_factory):
+    """4 classes of 8 training and 4 validation images: these tests time steps, not accuracy."""
+    return make_tree(tmp_path_factory.mktemp("small"), train_per_class=8, val_per_class=4, mixed_modes=False)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> str:
+    """torchvision's resnet18 (1000 classes, random weights) saved as its hub weights are: a raw state_dict."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "resnet18.pt"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+    return str(path)
+
+
+def run(data, out, **overrides) -> None:
+    from common.engine import train
+
+    cli = {**TINY, "data": str(data), "output": str(out), **overrides}
+    train(config.resolve(config.TrainConfig, cli))
+
+
+def backbone_of(state: dict) -> dict:
+    return {k: v for k, v in state.items() if not k.startswith("fc.")}
+
+
+def test_two_stages_train_the_head_first_then_everything_and_resume_in_stage_two(small_tree, pretrained, tmp_path):
+    whole = tmp_path / "whole"
+    run(small_tree, whole, pretrained=pretrained, epochs=2, freeze_backbone_epochs=1, backbone_lr_mult=0.1)
+    start = torch.load(pretrained)
+    first = load_checkpoint(whole / "checkpoint_epoch_0000.pt")
+    # Stage 1: the backbone, its BatchNorm statistics included, is exactly the pretrained one; the head moved.
+    for key, value in backbone_of(first["model"]).items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        assert torch.equal(value, start[key]), key
+    last = load_checkpoint(whole / "checkpoint_epoch_0001.pt")
+    assert not torch.equal(last["model"]["fc.weight"], first["model"]["fc.weight"])
+    # Stage 2: the backbone trains, at a tenth of the head's learning rate.
+    assert not torch.equal(last["model"]["layer1.0.conv1.weight"], start["layer1.0.conv1.weight"])
+    assert not torch.equal(last["model"]["bn1.running_mean"], start["bn1.running_mean"])
+    head_lr, *_, backbone_lr = [g["lr"] for g in last["optimizer"]["param_groups"]]
+    assert backbone_lr == pytest.approx(0.1 * head_lr)
+
+    # Interrupted after stage 1: the resumed run is in stage 2 at once and ends as the uninterrupted one.
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copy(whole / "checkpoint_epoch_0000.pt", resumed)
+    run(small_tree, resumed, pretrained=pretrained, epochs=2, freeze_backbone_epochs=1, backbone_lr_mult=0.1,
+        resume="auto")  # fmt: skip
+    again = load_checkpoint(resumed / "checkpoint_epoch_0001.pt")["model"]
+    for key, value in last["model"].items():
+        if value.is_floating_point():
+            torch.testing.assert_close(again[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_freeze_epochs_are_checked_and_fitted_to_a_short_run():
+    base = {"data": "x", "epochs": 3}
+    with pytest.raises(UserError, match="leaves none of the 3 epochs"):
+        config.resolve(config.TrainConfig, {**base, "freeze_backbone_epochs": 3})
+    with pytest.raises(UserError, match="pass one of them"):
+        config.resolve(config.TrainConfig, {**base, "freeze_backbone_epochs": 1, "freeze_backbone": True})
+    # A preset's 2 head epochs of 10, in a run cut to 4 epochs: 1 head epoch.
+    cfg = config.fit_schedule(config.TrainConfig(epochs=4, freeze_backbone_epochs=2), written_for=10, typed=set())
+    assert cfg.freeze_backbone_epochs == 1
+
+
+def test_backbone_lr_mult_groups_cover_every_parameter_once():
+    from common.builders import build_model, build_optimizer
+
+    spec = get_model_spec("resnet18")
+    model = build_model(spec, 5)
+    cfg = config.TrainConfig(backbone_lr_mult=0.25)
+    groups = build_optimizer(model, cfg, 1.0, spec).param_groups
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters())
+    head = {id(model.fc.weight), id(model.fc.bias)}
+    for g in groups:
+        in_head = {id(p) in head for p in g["params"]}
+        assert len(in_head) == 1
+        assert g["lr"] == (1.0 if in_head == {True} else 0.25)
