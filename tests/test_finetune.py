@@ -13,7 +13,7 @@ from common import config
 from common.checkpoint import load_checkpoint
 from common.errors import UserError
 from common.registry import get_model_spec
-from tests.conftest import make_tree
+from tests.conftest import ROOT, make_tree
 
 TINY = {"arch": "resnet18", "image_size": 32, "batch_size": 8, "workers": 0, "data_backend": "pytorch",
         "max_steps_per_epoch": 2, "eval_every": 10, "print_freq": 1, "deterministic": True, "seed": 1,
@@ -35,11 +35,14 @@ def pretrained(tmp_path_factory) -> str:
     return str(path)
 
 
-def run(data, out, **overrides) -> None:
+def run(data, out, preset: str | None = None, profile: str | None = None, **overrides) -> None:
     from common.engine import train
 
     cli = {**TINY, "data": str(data), "output": str(out), **overrides}
-    train(config.resolve(config.TrainConfig, cli))
+    train(config.resolve(config.TrainConfig, cli, preset, profile))
+
+
+RESNET_PRESET = str(ROOT / "resnet50" / "preset.toml")
 
 
 def backbone_of(state: dict) -> dict:
@@ -47,8 +50,10 @@ def backbone_of(state: dict) -> dict:
 
 
 def test_two_stages_train_the_head_first_then_everything_and_resume_in_stage_two(small_tree, pretrained, tmp_path):
+    """Through resnet50's finetune profile (its 2 head epochs of 15 fitted to a 2-epoch run: 1), with --balance."""
     whole = tmp_path / "whole"
-    run(small_tree, whole, pretrained=pretrained, epochs=2, freeze_backbone_epochs=1, backbone_lr_mult=0.1)
+    finetune = {"preset": RESNET_PRESET, "profile": "finetune", "pretrained": pretrained, "epochs": 2, "balance": True}
+    run(small_tree, whole, **finetune)
     start = torch.load(pretrained)
     first = load_checkpoint(whole / "checkpoint_epoch_0000.pt")
     # Stage 1: the backbone, its BatchNorm statistics included, is exactly the pretrained one; the head moved.
@@ -68,8 +73,7 @@ def test_two_stages_train_the_head_first_then_everything_and_resume_in_stage_two
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copy(whole / "checkpoint_epoch_0000.pt", resumed)
-    run(small_tree, resumed, pretrained=pretrained, epochs=2, freeze_backbone_epochs=1, backbone_lr_mult=0.1,
-        resume="auto")  # fmt: skip
+    run(small_tree, resumed, **finetune, resume="auto")
     again = load_checkpoint(resumed / "checkpoint_epoch_0001.pt")["model"]
     for key, value in last["model"].items():
         if value.is_floating_point():
@@ -101,3 +105,24 @@ def test_backbone_lr_mult_groups_cover_every_parameter_once():
         in_head = {id(p) in head for p in g["params"]}
         assert len(in_head) == 1
         assert g["lr"] == (1.0 if in_head == {True} else 0.25)
+
+
+def test_balance_weighs_classes_by_inverse_frequency():
+    from common.engine import class_weights
+
+    weights = class_weights([30, 10, 0], 4, torch.device("cpu"))
+    # 40 images in 2 present classes: 40 / (2 x 30) and 40 / (2 x 10); the mean weight per image stays 1.
+    torch.testing.assert_close(weights, torch.tensor([2 / 3, 2.0, 1.0, 1.0]))
+    assert (30 * weights[0] + 10 * weights[1]) / 40 == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("recipe", ["resnet50", "mobilenet", "vgg"])
+def test_every_recipe_has_a_finetune_profile_that_anneals_in_two_stages(recipe):
+    cfg = config.resolve(config.TrainConfig, {}, str(ROOT / recipe / "preset.toml"), "finetune")
+    spec = get_model_spec(cfg.arch)
+    assert cfg.pretrained and spec.torchvision_weights  # weights exist for its model
+    assert cfg.lr_schedule == "cosine" and 0 < cfg.warmup_epochs <= 0.1 * cfg.epochs <= 2
+    assert 0 < cfg.freeze_backbone_epochs < cfg.epochs and 0 < cfg.backbone_lr_mult < 1
+    assert 0.35 <= cfg.min_crop_scale <= 0.5
+    from_scratch = config.resolve(config.TrainConfig, {}, str(ROOT / recipe / "preset.toml"))
+    assert cfg.lr * cfg.backbone_lr_mult < from_scratch.lr  # pretrained features move less than fresh ones
