@@ -103,6 +103,13 @@ def cmd_prepare(args) -> int:
     return 0
 
 
+def cmd_augment_preview(args) -> int:
+    from common.preview import write_augment_preview
+
+    write_augment_preview(_resolve(args, config.AugmentPreviewConfig))
+    return 0
+
+
 def cmd_export(args) -> int:
     from common.serving.config import ExportConfig
     from common.serving.export import export_model
@@ -150,6 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="build an ImageFolder tree from a data set, or check one for bad files")
     config.add_arguments(p, config.PrepareConfig)
     p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser(
+        "augment-preview", help="a PNG grid of augmented training samples, to check augmentation options"
+    )
+    config.add_arguments(p, config.AugmentPreviewConfig)
+    p.set_defaults(func=cmd_augment_preview)
 
     from common.serving.config import ExportConfig, ServeConfig  # dataclasses only: no web or ONNX import here
 

@@ -30,6 +30,7 @@ from common.builders import BackboneStages, build_model, build_optimizer, build_
 from common.checkpoint import CheckpointManager, atomic_write_text, load_checkpoint, restore_rng, rng_state
 from common.config import TrainConfig
 from common.data import DataBundle, PipelineSpec, build_data, default_backend
+from common.data.spec import Augmentation
 from common.errors import UserError
 from common.logger import ProgressBar, RunLogger
 from common.registry import ModelSpec, check_width_mult, get_model_spec
@@ -51,9 +52,10 @@ def resolve_sizes(spec: ModelSpec, image_size: int | None, val_resize: int | Non
 def pipeline_spec(cfg, image_size: int, resize: int) -> PipelineSpec:
     """What the loaders need from a train or benchmark configuration (``cfg.amp`` already resolved): under fp16
     AMP the loaders yield float16, which the first convolution would cast to anyway."""
+    augment = Augmentation(**{f: getattr(cfg, f) for f in Augmentation.__dataclass_fields__ if hasattr(cfg, f)})
     return PipelineSpec(image_size, resize, cfg.min_crop_scale, cfg.batch_size, cfg.workers,
                         cfg.memory_format == "channels_last", cfg.seed,
-                        half=bool(cfg.amp) and cfg.amp_dtype == "float16")  # fmt: skip
+                        half=bool(cfg.amp) and cfg.amp_dtype == "float16", augment=augment)  # fmt: skip
 
 
 def resolve_amp(amp: bool | None, device: torch.device) -> bool:

@@ -15,7 +15,7 @@ import torch
 from common.data.checks import format_bad, inspect_image
 from common.data.dali_decode import dali_reason, dali_undecodable, require_dali
 from common.data.folders import ImageList
-from common.data.sampling import ShardIndices, shard_indices, train_augmentations
+from common.data.sampling import ShardIndices, extra_draws, shard_indices, train_augmentations
 from common.data.spec import IMAGENET_MEAN, IMAGENET_STD, Loader, PipelineSpec
 from common.errors import UserError
 
@@ -44,6 +44,7 @@ class DaliBatchSource:
     def __init__(self, images: ImageList, spec: PipelineSpec, train: bool, indices: ShardIndices, first_epoch: int):
         self.files, self.labels, self.sizes = images.files, np.asarray(images.labels, np.int32), images.sizes
         self.seed, self.min_crop_scale, self.train = spec.seed, spec.min_crop_scale, train
+        self.hflip, self.vflip = spec.augment.hflip, spec.augment.vflip
         self.batch_size, self.indices, self.first_epoch = spec.batch_size, indices, first_epoch
         self._order_epoch, self._order = None, None
 
@@ -76,8 +77,11 @@ class DaliBatchSource:
         sizes = np.array([self.size(i) for i in batch]) if self.sizes is None else self.sizes[batch]
         windows, flips = train_augmentations(self.seed, epoch, batch, sizes, self.min_crop_scale)
         anchors, shapes = list(np.ascontiguousarray(windows[:, :2])), list(np.ascontiguousarray(windows[:, 2:]))
-        mirrors = [np.array(flip, np.int32) for flip in flips]
-        return data, labels, anchors, shapes, mirrors
+        mirrors = [np.array(flip and self.hflip, np.int32) for flip in flips]
+        if not self.vflip:
+            return data, labels, anchors, shapes, mirrors
+        vflips = [np.array(v, np.int32) for v in extra_draws(self.seed, epoch, batch)[0]]
+        return data, labels, anchors, shapes, mirrors, vflips
 
 
 def _dali_pipeline(source: DaliBatchSource, train: bool, spec: PipelineSpec, gpu: bool, **pipeline_kwargs):
@@ -97,12 +101,15 @@ def _dali_pipeline(source: DaliBatchSource, train: bool, spec: PipelineSpec, gpu
     @dali.pipeline_def(**pipeline_kwargs)
     def pipeline():
         if train:
-            encoded, label, anchor, shape, mirror = fn.external_source(
-                source, num_outputs=5, batch=True, batch_info=True, parallel=True
+            vflip = spec.augment.vflip
+            encoded, label, anchor, shape, mirror, *vertical = fn.external_source(
+                source, num_outputs=6 if vflip else 5, batch=True, batch_info=True, parallel=True
             )
             # The window is in the displayed frame: DALI applies the EXIF orientation before it slices.
             images = fn.decoders.image_slice(encoded, anchor, shape, **decoder_kwargs)
             images = fn.resize(images, resize_x=spec.image_size, resize_y=spec.image_size, antialias=True)
+            if vflip:  # crop_mirror_normalize mirrors horizontally only
+                images = fn.flip(images, horizontal=0, vertical=vertical[0])
         else:
             encoded, label = fn.external_source(source, num_outputs=2, batch=True, batch_info=True, parallel=True)
             images = fn.decoders.image(encoded, **decoder_kwargs)
@@ -140,6 +147,14 @@ class DaliLoader(Loader):
 
     def __init__(self, images: ImageList, spec: PipelineSpec, train: bool, gpu: bool, device, rank: int, world: int):
         require_dali()
+        unsupported = spec.augment.random_transforms() if train else []
+        if unsupported:
+            # DALI has these operators, but their random draws come from the pipeline's generator, whose state runs
+            # on from epoch to epoch: a resumed run would not replay them, which every backend here guarantees.
+            raise UserError(
+                f"{', '.join(unsupported)}: not available on the DALI backends (only --vflip and --no-hflip are); "
+                "use --data-backend pytorch"
+            )
         self.images, self.indices = images, shard_indices(len(images), spec, train, rank, world)
         self.spec, self.train, self.gpu, self.device = spec, train, gpu, device
         if train and images.sizes is None:

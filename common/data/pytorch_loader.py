@@ -7,8 +7,8 @@ import numpy as np
 import torch
 
 from common.data.folders import ImageList
-from common.data.sampling import ShardIndices, shard_indices, train_augmentation
-from common.data.spec import Loader, Normalizer, PipelineSpec
+from common.data.sampling import ShardIndices, extra_draws, shard_indices, train_augmentation
+from common.data.spec import IMAGENET_MEAN, Augmentation, Loader, Normalizer, PipelineSpec
 from common.errors import UserError
 
 
@@ -19,22 +19,64 @@ def eval_transform(spec: PipelineSpec):
     return v2.Compose([v2.Resize(spec.resize_size, antialias=True), v2.CenterCrop(spec.image_size)])
 
 
+def random_transforms(augment: Augmentation):
+    """torchvision v2 transforms for the options beyond crop and flips (None when there are none), on uint8 CHW.
+
+    Random erasing runs here, before normalisation, filling with the ImageNet mean colour: the same as erasing
+    to 0 after normalising, as torchvision's recipes do.
+    """
+    from torchvision.transforms import v2
+
+    transforms = []
+    if augment.auto_augment == "autoaugment":
+        transforms.append(v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET))
+    elif augment.auto_augment == "randaugment":
+        transforms.append(v2.RandAugment())
+    elif augment.auto_augment == "trivialaugment":
+        transforms.append(v2.TrivialAugmentWide())
+    if augment.rotation:
+        transforms.append(v2.RandomRotation(augment.rotation))
+    if augment.color_jitter:
+        s = augment.color_jitter
+        transforms.append(v2.ColorJitter(brightness=s, contrast=s, saturation=s))
+    if augment.random_erasing:
+        fill = [round(m * 255) for m in IMAGENET_MEAN]
+        transforms.append(v2.RandomErasing(p=augment.random_erasing, value=fill))
+    return v2.Compose(transforms) if transforms else None
+
+
 class TrainTransform:
-    """RandomResizedCrop + horizontal flip with the crop window and flip drawn from (seed, epoch, index) by the
-    same counter-based uniforms as the DALI backends, so both take the same region of the same image."""
+    """RandomResizedCrop + flips with the crop window and flips drawn from (seed, epoch, index) by the same
+    counter-based uniforms as the DALI backends, so both take the same region of the same image; then the
+    random transforms of :func:`random_transforms`, under a torch seed drawn from (seed, epoch, index) too, so
+    that they also replay exactly after a resume, whichever worker decodes the image."""
 
     def __init__(self, spec: PipelineSpec):
         self.spec = spec
+        self.random = random_transforms(spec.augment)
 
     def __call__(self, image: torch.Tensor, epoch: int, index: int) -> torch.Tensor:
         from torchvision.transforms.v2 import functional as F
 
+        spec, augment = self.spec, self.spec.augment
         height, width = image.shape[-2:]
-        (x, y, w, h), flip = train_augmentation(self.spec.seed, epoch, index, (width, height), self.spec.min_crop_scale)
+        (x, y, w, h), flip = train_augmentation(spec.seed, epoch, index, (width, height), spec.min_crop_scale)
         top, left = round(y * height), round(x * width)
-        size = [self.spec.image_size, self.spec.image_size]
+        size = [spec.image_size, spec.image_size]
         image = F.resized_crop(image, top, left, round(h * height), round(w * width), size, antialias=True)
-        return F.hflip(image) if flip else image
+        if flip and augment.hflip:
+            image = F.hflip(image)
+        if augment.vflip or self.random is not None:
+            vflips, seeds = extra_draws(spec.seed, epoch, np.array([index]))
+            if vflips[0] and augment.vflip:
+                image = F.vflip(image)
+            if self.random is not None:
+                # torchvision's random transforms draw from torch's global generator: seed it for this image,
+                # and leave the worker's generator as it was.
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(int(seeds[0]))
+                    image = self.random(image)
+        return image
 
 
 def load_rgb(path: str) -> torch.Tensor:

@@ -116,6 +116,13 @@ def train_augmentations(seed: int, epoch: int, indices: np.ndarray, sizes: np.nd
     return windows, u[:, -1] < 0.5
 
 
+def extra_draws(seed: int, epoch: int, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Vertical flips (``(n,)`` bool) and one seed per image (``(n,)`` int64) for the random transforms beyond crop
+    and flips, from the two uniforms after the crop's and the flip's: the existing draws stay what they were."""
+    u = counter_uniforms(seed, epoch, np.asarray(indices), UNIFORMS_PER_IMAGE + 2)[:, UNIFORMS_PER_IMAGE:]
+    return u[:, 0] < 0.5, (u[:, 1] * float(1 << 53)).astype(np.int64)
+
+
 def train_augmentation(seed: int, epoch: int, index: int, size: tuple[int, int], min_crop_scale: float):
     """One training image's crop window (normalised x, y, w, h in the displayed frame) and flip."""
     windows, flips = train_augmentations(seed, epoch, np.array([index]), np.array([size]), min_crop_scale)

@@ -18,6 +18,25 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
+class Augmentation:
+    """Training augmentation beyond RandomResizedCrop (see ``AugmentConfig``): flips on every image backend, the
+    rest (a policy, rotation, colour jitter, random erasing) on the pytorch backend."""
+
+    hflip: bool = True
+    vflip: bool = False
+    auto_augment: str | None = None
+    rotation: float = 0.0
+    color_jitter: float = 0.0
+    random_erasing: float = 0.0
+
+    def random_transforms(self) -> list[str]:
+        """The options that need random transforms beyond crop and flips, as the command line spells them."""
+        given = {"--auto-augment": self.auto_augment, "--rotation": self.rotation,
+                 "--color-jitter": self.color_jitter, "--random-erasing": self.random_erasing}  # fmt: skip
+        return [name for name, value in given.items() if value]
+
+
+@dataclass(frozen=True)
 class PipelineSpec:
     """What a backend needs to know about the images it produces.
 
@@ -33,6 +52,7 @@ class PipelineSpec:
     channels_last: bool = False
     seed: int = 0
     half: bool = False
+    augment: Augmentation = Augmentation()
 
     @property
     def dtype(self) -> torch.dtype:
