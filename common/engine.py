@@ -33,6 +33,7 @@ from common.data import DataBundle, PipelineSpec, build_data, default_backend
 from common.data.spec import Augmentation
 from common.errors import UserError
 from common.logger import ProgressBar, RunLogger
+from common.metrics import one_vs_rest, roc_auc
 from common.registry import ModelSpec, check_width_mult, get_model_spec
 from common.telemetry import host_rss_mb
 
@@ -316,16 +317,24 @@ class EvalResult:
     count: int
     confusion: torch.Tensor  # [true, predicted] counts, on the CPU
     latencies_ms: list[float]
+    positive: int | None = None  # --positive-class: its index, and every image's (score, is positive)
+    scores: np.ndarray | None = None
+    is_positive: np.ndarray | None = None
 
     def metrics(self, prefix: str) -> dict:
         lat = np.array(self.latencies_ms) if self.latencies_ms else np.zeros(1)
-        return {
+        out = {
             f"{prefix}.loss": self.loss,
             f"{prefix}.top1": self.top1,
             f"{prefix}.top5": self.top5,
             f"{prefix}.compute_latency_mean": float(lat.mean()) / 1000,
             f"{prefix}.compute_latency_at99": float(np.percentile(lat, 99)) / 1000,
         }
+        if self.positive is not None:
+            binary = one_vs_rest(self.confusion.numpy(), self.positive)
+            binary["roc_auc"] = roc_auc(self.scores, self.is_positive)
+            out.update({f"{prefix}.{k}": v for k, v in binary.items()})
+        return out
 
 
 def batch_metrics(logits: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -371,14 +380,17 @@ class BatchTimer:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, num_classes: int, precision: Precision = Precision()) -> EvalResult:
-    """Loss, top-1/top-5 (percent) and the confusion matrix, summed over ranks.
+def evaluate(model: nn.Module, loader, num_classes: int, precision: Precision = Precision(),
+             positive: int | None = None) -> EvalResult:  # fmt: skip
+    """Loss, top-1/top-5 (percent) and the confusion matrix, summed over ranks; with ``positive`` (a class
+    index) also every image's softmax score for that class, gathered from every rank, for its ROC AUC.
 
     Every count accumulates on the model's device; the host reads them once, after the last batch.
     """
     model.eval()
     k = min(5, num_classes)
     sums = confusion = timer = None
+    scores: list[torch.Tensor] = []  # (score, label) pairs, kept on the device until the end
     for images, labels in loader:
         if sums is None:
             device = images.device
@@ -392,6 +404,8 @@ def evaluate(model: nn.Module, loader, num_classes: int, precision: Precision = 
         sums += batch
         # scatter_add_, not bincount: CUDA's bincount reads the largest value on the host to size its output.
         confusion.scatter_add_(0, labels * num_classes + top1, torch.ones_like(top1))
+        if positive is not None:
+            scores.append(torch.stack([logits.softmax(1)[:, positive], labels.eq(positive).float()], 1))
         timer.stop(started)
     if sums is None:  # an empty shard: still take part in the reduction
         sums, confusion, timer = (
@@ -402,6 +416,11 @@ def evaluate(model: nn.Module, loader, num_classes: int, precision: Precision = 
     # One tensor, one all-reduce and one transfer (float64 holds counts exactly up to 2**53).
     totals = dist.all_reduce_sum(torch.cat([sums, confusion.double()])).cpu()
     n = max(1.0, totals[3].item())
+    binary = {}
+    if positive is not None:
+        mine = torch.cat(scores).double().cpu() if scores else torch.zeros(0, 2, dtype=torch.float64)
+        pairs = torch.cat(dist.all_gather_object(mine)).numpy()
+        binary = {"positive": positive, "scores": pairs[:, 0], "is_positive": pairs[:, 1] > 0.5}
     return EvalResult(
         loss=totals[0].item() / n,
         top1=100 * totals[1].item() / n,
@@ -409,6 +428,7 @@ def evaluate(model: nn.Module, loader, num_classes: int, precision: Precision = 
         count=int(totals[3].item()),
         confusion=totals[4:].round().long().view(num_classes, num_classes),
         latencies_ms=timer.milliseconds() if timer else [],
+        **binary,
     )
 
 
@@ -498,6 +518,15 @@ def plan_run(cfg: TrainConfig, spec: ModelSpec, rt: dist.Runtime) -> RunPlan:
         accumulation=optimizer_batch // (cfg.batch_size * world),
         lr=cfg.lr * optimizer_batch / 256,
     )
+
+
+def positive_index(name: str | None, classes: list[str]) -> int | None:
+    """The index of ``--positive-class`` among the class folders (None when not given)."""
+    if name is None:
+        return None
+    if name not in classes:
+        raise UserError(f"--positive-class {name!r} is not one of the class folders: {', '.join(classes)}")
+    return classes.index(name)
 
 
 def count_classes(cfg: TrainConfig, data: DataBundle) -> int:
@@ -592,6 +621,7 @@ def train(cfg: TrainConfig) -> dict:
     data = build_data(cfg, plan.backend, pipeline_spec(cfg, plan.image_size, plan.resize), rt.device, rt.rank,
                       rt.world_size)  # fmt: skip
     num_classes = count_classes(cfg, data)
+    positive = positive_index(cfg.positive_class, data.classes)
     model = build_train_model(cfg, spec, num_classes, rt)
     precision = Precision(cfg.amp, cfg.amp_dtype)
     opt = build_optimization(model, cfg, plan.lr, steps_per_epoch(cfg, data, plan.accumulation), precision,
@@ -618,15 +648,16 @@ def train(cfg: TrainConfig) -> dict:
             cfg.arch, rt.device, num_classes, len(data.train), cfg.batch_size, rt.world_size, plan.lr, plan.backend,
         )  # fmt: skip
     try:
-        return run_epochs(cfg, step, eval_model, data, num_classes, progress, ckpts, resolved, logger, rt, stages)
+        return run_epochs(cfg, step, eval_model, data, num_classes, progress, ckpts, resolved, logger, rt, stages,
+                          positive)  # fmt: skip
     finally:
         logger.close()
         dist.cleanup()
 
 
 def run_epochs(cfg: TrainConfig, step: StepRunner, eval_model: nn.Module, data: DataBundle, num_classes: int,
-               progress: Progress, ckpts: CheckpointManager, resolved: dict, logger: RunLogger,
-               rt: dist.Runtime, stages: BackboneStages | None = None) -> dict:  # fmt: skip
+               progress: Progress, ckpts: CheckpointManager, resolved: dict, logger: RunLogger, rt: dist.Runtime,
+               stages: BackboneStages | None = None, positive: int | None = None) -> dict:  # fmt: skip
     """The epoch loop: train, evaluate when due, log, checkpoint; returns the last epoch's metrics."""
     opt, precision = step.opt, step.precision
     model = unwrap(step.model)
@@ -646,9 +677,10 @@ def run_epochs(cfg: TrainConfig, step: StepRunner, eval_model: nn.Module, data: 
         global_step += epoch_steps
         metrics["train.rss_mb"] = host_rss_mb()
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-            metrics.update(evaluate(eval_model, data.val, num_classes, precision).metrics("val"))
+            metrics.update(evaluate(eval_model, data.val, num_classes, precision, positive).metrics("val"))
             if opt.ema is not None:  # evaluated eagerly: compiling a second model would double compile time
-                metrics.update(evaluate(opt.ema.module, data.val, num_classes, precision).metrics("val_ema"))
+                ema = evaluate(opt.ema.module, data.val, num_classes, precision, positive)
+                metrics.update(ema.metrics("val_ema"))
         is_best = metrics.get("val.top1", -1.0) > best
         best = max(best, metrics.get("val.top1", best))
         logger.log((epoch,), metrics)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -126,3 +127,28 @@ def test_every_recipe_has_a_finetune_profile_that_anneals_in_two_stages(recipe):
     assert 0.35 <= cfg.min_crop_scale <= 0.5
     from_scratch = config.resolve(config.TrainConfig, {}, str(ROOT / recipe / "preset.toml"))
     assert cfg.lr * cfg.backbone_lr_mult < from_scratch.lr  # pretrained features move less than fresh ones
+
+
+def test_one_vs_rest_metrics_on_hand_made_cases():
+    from common.metrics import one_vs_rest, roc_auc
+
+    # Class 1 positive: 8 images of it, 6 found (recall 3/4); 2 of the 8 images predicted 1 are others (precision 3/4).
+    confusion = [[10, 1, 0], [1, 6, 1], [0, 1, 5]]
+    assert one_vs_rest(confusion, 1) == pytest.approx({"precision": 0.75, "recall": 0.75, "f1": 0.75})
+    assert one_vs_rest([[5, 0], [3, 0]], 1) == {"precision": 0.0, "recall": 0.0, "f1": 0.0}  # never predicted
+    # Positives 0.9, 0.4, 0.4; negatives 0.8, 0.4, 0.1: 9 pairs, 0.9 beats all 3, each 0.4 beats 0.1 (2) and ties
+    # one 0.4 (2 x 0.5): (3 + 2 + 1) / 9.
+    assert roc_auc([0.9, 0.4, 0.4, 0.8, 0.4, 0.1], [1, 1, 1, 0, 0, 0]) == pytest.approx(6 / 9)
+    assert roc_auc([0.2, 0.3, 0.9], [0, 0, 1]) == 1.0 and roc_auc([0.9, 0.3], [0, 1]) == 0.0
+    assert np.isnan(roc_auc([0.1, 0.2], [1, 1]))
+
+
+def test_positive_class_adds_binary_metrics_to_validation(small_tree, tmp_path):
+    from common.logger import read_log
+
+    with pytest.raises(UserError, match="'purple' is not one of the class folders: blue, green, red, yellow"):
+        run(small_tree, tmp_path / "bad", epochs=1, positive_class="purple")
+    run(small_tree, tmp_path / "run", epochs=1, positive_class="red", max_steps_per_epoch=1)
+    final = [r["data"] for r in read_log(tmp_path / "run" / "log.json") if r["step"] == []][-1]
+    for key in ("val.precision", "val.recall", "val.f1", "val.roc_auc"):
+        assert 0 <= final[key] <= 1, key
