@@ -58,6 +58,6 @@ def write_augment_preview(cfg: AugmentPreviewConfig) -> Path:
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_bytes(buffer.getvalue())
     os.replace(tmp, out)
-    log.info("wrote %s: %d images x (eval view + %d augmented samples)", out, grid.shape[1] // (cfg.image_size + 2),
-             cfg.samples)  # fmt: skip
+    log.info("wrote %s: %d row(s) of an eval view and %d augmented samples", out,
+             grid.shape[1] // (cfg.image_size + 2), cfg.samples)  # fmt: skip
     return out
