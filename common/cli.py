@@ -110,6 +110,13 @@ def cmd_augment_preview(args) -> int:
     return 0
 
 
+def cmd_learning_curve(args) -> int:
+    from common.learning_curve import run_learning_curve
+
+    run_learning_curve(_resolve(args, config.LearningCurveConfig))
+    return 0
+
+
 def cmd_export(args) -> int:
     from common.serving.config import ExportConfig
     from common.serving.export import export_model
@@ -157,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="build an ImageFolder tree from a data set, or check one for bad files")
     config.add_arguments(p, config.PrepareConfig)
     p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("learning-curve", help="fine-tune on growing subsets: is it worth collecting more images?")
+    p.add_argument("--preset", help="recipe preset file (TOML), e.g. resnet50/preset.toml")
+    p.add_argument("--profile", help="named profile inside the preset, e.g. finetune")
+    config.add_arguments(p, config.LearningCurveConfig)
+    p.set_defaults(func=cmd_learning_curve)
 
     p = sub.add_parser(
         "augment-preview", help="a PNG grid of augmented training samples, to check augmentation options"

@@ -217,6 +217,12 @@ class PredictConfig(DeviceConfig):
 
 
 @dataclass
+class LearningCurveConfig(TrainConfig):
+    fractions: str = opt("0.1,0.25,0.5,1.0", "training-set fractions to train on, comma-separated")
+    output: str | None = opt(None, "folder for each run, learning_curve.md/.json/.png (default: runs/learning-curve)")
+
+
+@dataclass
 class AugmentPreviewConfig(AugmentConfig):
     data: str | None = opt(None, "an ImageFolder root holding train/ (or a split folder itself)", required=True)
     out: str = opt("augment_preview.png", "PNG file to write")

@@ -13,6 +13,7 @@ import torchvision
 from common import config
 from common.checkpoint import load_checkpoint
 from common.errors import UserError
+from common.logger import read_log
 from common.registry import get_model_spec
 from tests.conftest import ROOT, make_tree
 
@@ -51,10 +52,15 @@ def backbone_of(state: dict) -> dict:
 
 
 def test_two_stages_train_the_head_first_then_everything_and_resume_in_stage_two(small_tree, pretrained, tmp_path):
-    """Through resnet50's finetune profile (its 2 head epochs of 15 fitted to a 2-epoch run: 1), with --balance."""
+    """Through resnet50's finetune profile (its 2 head epochs of 15 fitted to a 2-epoch run: 1), with --balance
+    and --positive-class."""
     whole = tmp_path / "whole"
-    finetune = {"preset": RESNET_PRESET, "profile": "finetune", "pretrained": pretrained, "epochs": 2, "balance": True}
+    finetune = {"preset": RESNET_PRESET, "profile": "finetune", "pretrained": pretrained, "epochs": 2,
+                "balance": True, "positive_class": "red"}  # fmt: skip
     run(small_tree, whole, **finetune)
+    final = [r["data"] for r in read_log(whole / "log.json") if r["step"] == []][-1]
+    for key in ("val.precision", "val.recall", "val.f1", "val.roc_auc"):
+        assert 0 <= final[key] <= 1, key
     start = torch.load(pretrained)
     first = load_checkpoint(whole / "checkpoint_epoch_0000.pt")
     # Stage 1: the backbone, its BatchNorm statistics included, is exactly the pretrained one; the head moved.
@@ -143,12 +149,48 @@ def test_one_vs_rest_metrics_on_hand_made_cases():
     assert np.isnan(roc_auc([0.1, 0.2], [1, 1]))
 
 
-def test_positive_class_adds_binary_metrics_to_validation(small_tree, tmp_path):
-    from common.logger import read_log
-
+def test_positive_class_must_be_a_class_folder(small_tree, tmp_path):
     with pytest.raises(UserError, match="'purple' is not one of the class folders: blue, green, red, yellow"):
         run(small_tree, tmp_path / "bad", epochs=1, positive_class="purple")
-    run(small_tree, tmp_path / "run", epochs=1, positive_class="red", max_steps_per_epoch=1)
-    final = [r["data"] for r in read_log(tmp_path / "run" / "log.json") if r["step"] == []][-1]
-    for key in ("val.precision", "val.recall", "val.f1", "val.roc_auc"):
-        assert 0 <= final[key] <= 1, key
+
+
+def test_learning_curve_subsets_are_stratified_and_nested():
+    from common.learning_curve import parse_fractions, stratified_subsets
+
+    assert parse_fractions("0.5, 0.1,1.0") == [0.1, 0.5, 1.0]
+    for bad in ("1.0", "0.1,1.5", "a,b"):
+        with pytest.raises(UserError, match="--fractions"):
+            parse_fractions(bad)
+    labels = [0] * 40 + [1] * 8 + [2] * 2
+    small, half, whole = stratified_subsets(labels, [0.1, 0.5, 1.0], seed=0)
+    counts = [np.bincount(np.asarray(labels)[s], minlength=3).tolist() for s in (small, half, whole)]
+    assert counts == [[4, 1, 1], [20, 4, 1], [40, 8, 2]]  # every class in every subset
+    assert set(small) <= set(half) <= set(whole) == set(range(50))
+
+
+def test_learning_curve_verdict():
+    from common.learning_curve import verdict
+
+    assert verdict([100, 200, 400], [60.0, 70.0, 75.0]).startswith("still rising")
+    assert verdict([100, 200, 400], [60.0, 70.0, 70.5]).startswith("flat")
+    assert verdict([100, 1000], [60.0, 62.0]).startswith("flat")  # 2 points over 3.3 doublings
+
+
+def test_learning_curve_writes_table_plot_and_verdict(small_tree, tmp_path):
+    from PIL import Image
+
+    from common.learning_curve import run_learning_curve
+
+    cfg = config.resolve(config.LearningCurveConfig, {**TINY, "data": str(small_tree), "output": str(tmp_path),
+                                                      "fractions": "0.25,1.0", "epochs": 1,
+                                                      "max_steps_per_epoch": 1})  # fmt: skip
+    result = run_learning_curve(cfg)
+    assert [r["train_images"] for r in result["rows"]] == [8, 32]
+    assert result["verdict"].split(":")[0] in ("still rising", "flat")
+    report = (tmp_path / "learning_curve.md").read_text()
+    assert "| 0.25 | 8 |" in report and result["verdict"] in report
+    with Image.open(tmp_path / "learning_curve.png") as plot:
+        assert plot.size == (500, 350)
+    # The subset is an ImageFolder of links into the data set, validated on the whole val/.
+    linked = sorted((tmp_path / "subsets" / "fraction_0.25" / "train").rglob("*.png"))
+    assert len(linked) == 8 and all(p.is_symlink() for p in linked)

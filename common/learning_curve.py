@@ -1,0 +1,144 @@
+"""``convnets learning-curve``: how many images are enough. Fine-tunes on growing stratified subsets of the
+training set against the same validation set, then writes a table, a plot and a plain verdict."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from common.checkpoint import atomic_write_text
+from common.config import LearningCurveConfig, TrainConfig
+from common.errors import UserError
+
+log = logging.getLogger("convnets")
+
+# The last doubling of the training set must gain at least this many points of top-1 for "still rising".
+RISING_GAIN_PER_DOUBLING = 1.0
+
+
+def parse_fractions(text: str) -> list[float]:
+    """``"0.1,0.25,0.5,1.0"`` -> sorted fractions in (0, 1]; at least two."""
+    try:
+        fractions = sorted({float(f) for f in text.replace(",", " ").split()})
+    except ValueError:
+        raise UserError(f"--fractions {text!r}: expected numbers such as 0.1,0.25,0.5,1.0") from None
+    if len(fractions) < 2 or not all(0 < f <= 1 for f in fractions):
+        raise UserError(f"--fractions {text!r}: give at least two fractions in (0, 1], e.g. 0.1,0.25,0.5,1.0")
+    return fractions
+
+
+def stratified_subsets(labels: list[int], fractions: list[float], seed: int) -> list[np.ndarray]:
+    """Indices of each fraction's subset: ``ceil(fraction x n_c)`` images of every class c (at least one), the
+    first of one fixed per-class permutation, so every subset holds the smaller ones (a curve, not noise)."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    orders = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    return [np.sort(np.concatenate([o[: max(1, math.ceil(f * len(o)))] for o in orders])) for f in fractions]
+
+
+def link_subset(data: Path, files: list[str], classes: list[str], labels: list[int], root: Path) -> Path:
+    """``root/train/<class>/`` of symbolic links to ``files`` and ``root/val`` linked to ``data/val``: an
+    ImageFolder tree that costs no copy. Made afresh each time, so a re-run with other fractions is right."""
+    import shutil
+
+    if root.exists():
+        shutil.rmtree(root)
+    for k, (path, label) in enumerate(zip(files, labels, strict=True)):
+        folder = root / "train" / classes[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        # A running number keeps two files of one name from different sub-folders apart.
+        (folder / f"{k:07d}_{Path(path).name}").symlink_to(Path(path).resolve())
+    (root / "val").symlink_to((data / "val").resolve(), target_is_directory=True)
+    return root
+
+
+def verdict(sizes: list[int], top1: list[float]) -> str:
+    """Still rising (more images should help) or flat, from the last two points, as points of top-1 per
+    doubling of the training set."""
+    doublings = math.log2(sizes[-1] / sizes[-2]) if sizes[-1] > sizes[-2] else 0.0
+    gain = top1[-1] - top1[-2]
+    per_doubling = gain / doublings if doublings else 0.0
+    if per_doubling >= RISING_GAIN_PER_DOUBLING:
+        return (f"still rising: the last step ({sizes[-2]} -> {sizes[-1]} images) gained {gain:+.1f} points of "
+                f"top-1 ({per_doubling:+.1f} per doubling); more images should help")  # fmt: skip
+    return (f"flat: the last step ({sizes[-2]} -> {sizes[-1]} images) gained {gain:+.1f} points of top-1 "
+            f"({per_doubling:+.1f} per doubling, under {RISING_GAIN_PER_DOUBLING:g}); more images of the same kind "
+            "will not help much: look at the errors, the classes, or the model")  # fmt: skip
+
+
+def write_plot(path: Path, sizes: list[int], top1: list[float], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
+    ax.plot(sizes, top1, marker="o")
+    ax.set_xscale("log")
+    ax.set_xlabel("training images")
+    ax.set_ylabel("validation top-1 (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(buffer.getvalue())
+    os.replace(tmp, path)
+
+
+def run_learning_curve(cfg: LearningCurveConfig) -> dict:
+    """Train once per fraction (same configuration, same validation set); write ``learning_curve.md``,
+    ``learning_curve.json`` and ``learning_curve.png`` in ``cfg.output``. Returns the table and the verdict."""
+    import json
+
+    from common.data import scan_split
+    from common.engine import train
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("learning-curve runs its trainings one after another in one process: start it without "
+                        "torchrun")  # fmt: skip
+    fractions = parse_fractions(cfg.fractions)
+    data, out = Path(cfg.data), Path(cfg.output or "runs/learning-curve")
+    if not (data / "train").is_dir() or not (data / "val").is_dir():
+        raise UserError(f"--data {data}: expected an ImageFolder root with train/ and val/")
+    images = scan_split(data / "train")
+    subsets = stratified_subsets(images.labels, fractions, cfg.seed)
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    rows = []
+    for fraction, subset in zip(fractions, subsets, strict=True):
+        name = f"fraction_{fraction:g}"
+        root = link_subset(data, [images.files[i] for i in subset], images.classes,
+                           [images.labels[i] for i in subset], out / "subsets" / name)  # fmt: skip
+        run_cfg = TrainConfig(**{k: v for k, v in dataclasses.asdict(cfg).items() if k in train_fields})
+        batch = min(run_cfg.batch_size, len(subset))
+        if batch < run_cfg.batch_size:
+            log.info("learning curve: %s has %d training images, batch size %d -> %d", name, len(subset),
+                     run_cfg.batch_size, batch)  # fmt: skip
+        run_cfg = dataclasses.replace(run_cfg, data=str(root), output=str(out / name), batch_size=batch,
+                                      optimizer_batch_size=None, resume=None)  # fmt: skip
+        log.info("learning curve: %s, %d training images", name, len(subset))
+        metrics = train(run_cfg)
+        rows.append({"fraction": fraction, "train_images": int(len(subset)), "val.top1": metrics["val.top1"],
+                     "val.loss": metrics["val.loss"]})  # fmt: skip
+    sizes, top1 = [r["train_images"] for r in rows], [r["val.top1"] for r in rows]
+    said = verdict(sizes, top1)
+    table = ["| fraction | training images | val top-1 (%) | val loss |", "| ---: | ---: | ---: | ---: |"]
+    table += [f"| {r['fraction']:g} | {r['train_images']} | {r['val.top1']:.2f} | {r['val.loss']:.4f} |" for r in rows]
+    title = f"{cfg.arch}, {cfg.epochs} epochs per point, {data.name}"
+    out.mkdir(parents=True, exist_ok=True)
+    write_plot(out / "learning_curve.png", sizes, top1, title)
+    atomic_write_text(out / "learning_curve.md", "\n".join([f"# Learning curve: {title}", "", *table, "",
+                                                            f"**Verdict**: {said}.", "",
+                                                            "![learning curve](learning_curve.png)", ""]))  # fmt: skip
+    result = {"rows": rows, "verdict": said}
+    atomic_write_text(out / "learning_curve.json", json.dumps(result, indent=2))
+    log.info("learning curve:\n%s\nverdict: %s\nwrote %s", "\n".join(table), said, out / "learning_curve.md")
+    return result
