@@ -122,7 +122,7 @@ class AugmentConfig:
     rotation: float = opt(0.0, "random rotation by up to +-DEG degrees", metavar="DEG")
     color_jitter: float = opt(0.0, "brightness, contrast and saturation jitter of strength S (0.4 is common)",
                               metavar="S")  # fmt: skip
-    random_erasing: float = opt(0.0, "probability of erasing a random rectangle (after normalisation)", metavar="P")
+    random_erasing: float = opt(0.0, "probability of erasing a random rectangle to the mean colour", metavar="P")
 
 
 @dataclass
