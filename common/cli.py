@@ -91,7 +91,12 @@ def cmd_prepare(args) -> int:
 
     from common.prepare import check_tree, prepare_fashion_mnist
 
-    cfg = _resolve(args, config.PrepareConfig)
+    cfg = _resolve(args, config.PrepareOwnConfig)
+    if cfg.dataset in ("folder", "csv"):
+        from common.owndata.dataset import prepare_own
+
+        prepare_own(cfg)
+        return 0
     if cfg.check:
         bad = check_tree(Path(cfg.check), cfg.workers)
         return 1 if bad else 0
@@ -147,8 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_arguments(p, config.InfoConfig)
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("prepare", help="build an ImageFolder tree from a data set, or check one for bad files")
-    config.add_arguments(p, config.PrepareConfig)
+    p = sub.add_parser(
+        "prepare", help="build an ImageFolder tree from a data set, a raw folder or a CSV; or check one for bad files"
+    )
+    config.add_arguments(p, config.PrepareOwnConfig)
     p.set_defaults(func=cmd_prepare)
 
     from common.serving.config import ExportConfig, ServeConfig  # dataclasses only: no web or ONNX import here

@@ -208,6 +208,34 @@ class PrepareConfig:
     workers: int = same_as(DataConfig, "workers")
 
 
+@dataclass
+class PrepareOwnConfig(PrepareConfig):
+    """``prepare`` with the two own-data modes: ``folder`` (``--src RAW/<class>/*``) and ``csv`` (``path,label``)."""
+
+    dataset: str | None = opt(
+        None,
+        "what to build: fashion-mnist, a raw folder with one sub-folder per class (folder, with --src), or a CSV of "
+        "path,label rows (csv, with --csv and --root)",
+        ("fashion-mnist", "folder", "csv"),
+        positional="?",
+    )
+    src: str | None = opt(None, "prepare folder: the raw folder, one sub-folder per class")
+    csv: str | None = opt(None, "prepare csv: a CSV of path,label rows (a header row is optional)")
+    root: str | None = opt(None, "prepare csv: the folder the CSV's relative paths start from (default: the CSV's)")
+    val_fraction: float = opt(0.2, "share of each class's images for val/")
+    test_fraction: float = opt(0.0, "share of each class's images for test/ (0: no test split)")
+    seed: int = opt(0, "seed of the split")
+    group_by: str | None = opt(
+        None,
+        "regular expression over each file's path below its class folder; files with the same match (its first "
+        "group if it has one) stay on one side of the split, e.g. '^(.+)_frame\\d+' for frames of one video",
+        metavar="REGEX",
+    )
+    dup_radius: int = opt(10, "near duplicates: at most this many of the 256 dhash bits differ (0: exact copies only)")
+    min_per_class: int = opt(20, "warn about classes with fewer images than this")
+    overwrite: bool = opt(False, "replace a non-empty --out (after the new tree is complete)")
+
+
 def _base_type(tp):
     """(scalar type, is_list) of an annotation such as ``int | None`` or ``list[int]``."""
     if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
