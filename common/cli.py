@@ -45,7 +45,12 @@ def cmd_evaluate(args) -> int:
 def cmd_predict(args) -> int:
     from common.inference import run_predict
 
-    return run_predict(_resolve(args, config.PredictConfig))
+    cfg = _resolve(args, config.OrganizeConfig)
+    if cfg.organize:
+        from common.owndata.organize import run_organize
+
+        return run_organize(cfg)
+    return run_predict(cfg)
 
 
 def cmd_benchmark(args) -> int:
@@ -138,8 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_arguments(p, config.EvaluateConfig)
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("predict", help="top-k classes of image files, folders or globs")
-    config.add_arguments(p, config.PredictConfig)
+    p = sub.add_parser("predict", help="top-k classes of image files, folders or globs (or --organize them)")
+    config.add_arguments(p, config.OrganizeConfig)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("benchmark", help="throughput and latency of training, inference or the data pipeline")

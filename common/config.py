@@ -190,6 +190,22 @@ class PredictConfig(DeviceConfig):
 
 
 @dataclass
+class OrganizeConfig(PredictConfig):
+    """``predict`` with ``--organize OUT``: the collection sorted into folders instead of printed."""
+
+    organize: str | None = opt(
+        None,
+        "sort the images into OUT/<predicted class>/ (hard links, or copies with --copy) and record every decision "
+        "in OUT/decisions.csv; a rerun continues where an interrupted one stopped",
+        metavar="OUT",
+    )
+    min_confidence: float = opt(0.0, "with --organize: images predicted below this probability go to uncertain/")
+    copy: bool = opt(False, "with --organize: copy the files instead of hard-linking them")
+    chunk_size: int = opt(256, "with --organize: decisions appended to the CSV (and fsynced) per this many images")
+    workers: int = opt(min(4, os.cpu_count() or 1), "with --organize: decoding worker processes (0: none)")
+
+
+@dataclass
 class InfoConfig:
     arch: str = same_as(ModelConfig, "arch")
     image_size: int | None = opt(None, "input resolution (default: the model's; 224 with --list)")
