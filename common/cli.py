@@ -53,6 +53,18 @@ def cmd_predict(args) -> int:
     return run_predict(cfg)
 
 
+def cmd_embed(args) -> int:
+    from common.owndata.embed import run_embed
+
+    return run_embed(_resolve(args, config.EmbedConfig))
+
+
+def cmd_similar(args) -> int:
+    from common.owndata.embed import run_similar
+
+    return run_similar(_resolve(args, config.SimilarConfig))
+
+
 def cmd_benchmark(args) -> int:
     from common.benchmark import run_benchmark
 
@@ -147,6 +159,14 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_arguments(p, config.OrganizeConfig)
     p.set_defaults(func=cmd_predict)
 
+    p = sub.add_parser("embed", help="penultimate-layer embeddings of a collection in a faiss index")
+    config.add_arguments(p, config.EmbedConfig)
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("similar", help="the images of an embedding index nearest to a query image")
+    config.add_arguments(p, config.SimilarConfig)
+    p.set_defaults(func=cmd_similar)
+
     p = sub.add_parser("benchmark", help="throughput and latency of training, inference or the data pipeline")
     p.add_argument("--preset", help="recipe preset file (TOML)")
     p.add_argument("--profile", help="named profile inside the preset")
@@ -183,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # torchrun sets RANK; only rank 0 talks (the others report warnings and errors). Where stdout carries
     # results (predict, --json), the log goes to stderr so that `> out.json` stays valid.
-    data_on_stdout = args.func is cmd_predict or getattr(args, "json", None) is True
+    data_on_stdout = args.func in (cmd_predict, cmd_similar) or getattr(args, "json", None) is True
     setup_stdout_logging(is_main=os.environ.get("RANK", "0") == "0", stream=sys.stderr if data_on_stdout else None)
     try:
         code = args.func(args)

@@ -206,6 +206,28 @@ class OrganizeConfig(PredictConfig):
 
 
 @dataclass
+class EmbedConfig(DeviceConfig):
+    checkpoint: str | None = opt(
+        None, "a training checkpoint; its penultimate layer gives the embeddings", required=True
+    )
+    paths: list[str] = opt([], "image files, folders (searched recursively) or glob patterns", positional="+")
+    out: str | None = opt(None, "index folder to write (index.faiss, paths.txt, embeddings.npy, meta.json)",
+                          required=True)  # fmt: skip
+    batch_size: int = opt(64, "images per batch")
+    workers: int = opt(min(4, os.cpu_count() or 1), "decoding worker processes (0: none)")
+    index_type: str = opt("auto", "faiss index: exact (flat), HNSW graph (hnsw), or flat up to 50,000 images (auto)",
+                          ("auto", "flat", "hnsw"))  # fmt: skip
+
+
+@dataclass
+class SimilarConfig(DeviceConfig):
+    index: str | None = opt(None, "an index folder written by convnets embed", required=True)
+    images: list[str] = opt([], "query image files", positional="+")
+    k: int = opt(10, "neighbours per query", flag="-k")
+    checkpoint: str | None = opt(None, "the model to embed the query with (default: the one the index was built with)")
+
+
+@dataclass
 class InfoConfig:
     arch: str = same_as(ModelConfig, "arch")
     image_size: int | None = opt(None, "input resolution (default: the model's; 224 with --list)")
