@@ -11,6 +11,7 @@ trained model, and search it by similarity.
 from __future__ import annotations
 
 import importlib.util
+import logging
 
 from common.errors import UserError
 
@@ -20,3 +21,7 @@ def require(*modules: str) -> None:
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
         raise UserError(f"this command needs {', '.join(missing)}: pip install -e '.[owndata]' (imagehash, faiss-cpu)")
+
+
+# faiss's loader logs at INFO which CPU build it tried ("No module named 'faiss.swigfaiss_avx2'"): not news to a user.
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)
