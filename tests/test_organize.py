@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from common import config
-from common.owndata.organize import read_decisions, run_organize
+from common.owndata.organize import COLUMNS, part_files, read_decisions, run_organize
 from tests.conftest import ROOT
 
 CLASSES = ["bird", "cat", "dog"]
@@ -143,3 +143,25 @@ def test_a_torn_last_line_is_cut_off(tmp_path):
     path.write_text("path,class,confidence,status,destination,error\n/a.png,cat,0.9,sorted,cat/a.png,\n/b.png,d")
     assert list(read_decisions(path)) == ["/a.png"]
     assert path.read_text().endswith("cat/a.png,\n")
+
+
+def test_two_ranks_under_torchrun_share_the_work_and_leave_one_csv(setup, tmp_path):
+    checkpoint, collection, files = setup
+    out = tmp_path / "ddp"
+    # A run interrupted under torchrun left a rank file behind: its rows count as decided and are merged.
+    out.mkdir()
+    (out / "decisions.rank1.csv").write_text(",".join(COLUMNS) + f"\n{files[0]},cat,0.5,sorted,x,\n{files[1]},d")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "common",
+         "predict", "--checkpoint", str(checkpoint), "--organize", str(out), str(collection), "--device", "cpu",
+         "--workers", "0", "--batch-size", "16", "--chunk-size", "16"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    # Every file in exactly one rank's share: the rank files held one row per file, none twice.
+    assert f"merged {len(files)} decisions of the ranks" in proc.stderr, proc.stderr[-3000:]
+    assert part_files(out) == []
+    with open(out / "decisions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["path"] for r in rows) == sorted(str(f) for f in files)  # each file once, across both ranks
+    assert next(r for r in rows if r["path"] == str(files[0]))["destination"] == "x"  # the earlier row, kept
+    assert len(placed_files(out)) == len(files) - 3  # the earlier run placed files[0]; two files are bad

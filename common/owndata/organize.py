@@ -21,7 +21,6 @@ import torch
 
 from common.checkpoint import atomic_write_text
 from common.data import Normalizer, eval_transform
-from common.distributed import resolve_device
 from common.errors import UserError
 from common.owndata.collection import list_collection, read_batches
 from common.owndata.progress import Progress
@@ -32,19 +31,50 @@ COLUMNS = ["path", "class", "confidence", "status", "destination", "error"]
 DECISIONS = "decisions.csv"
 
 
-def read_decisions(path: Path) -> dict[str, dict]:
-    """The rows of a decisions CSV by source path, after cutting off a torn last line (a run killed mid-write)."""
+def read_decisions(path: Path, repair: bool = True) -> dict[str, dict]:
+    """The rows of a decisions CSV by source path. A torn last line (a run killed mid-write) is ignored, and with
+    ``repair`` cut off the file, which only the process that appends to it may do."""
     if not path.is_file():
         return {}
     text = path.read_text()
     if text and not text.endswith("\n"):
         text = text[: text.rfind("\n") + 1]
-        atomic_write_text(path, text)
-        log.info("%s: cut off a torn last line (the previous run was interrupted while writing it)", path)
+        if repair:
+            atomic_write_text(path, text)
+            log.info("%s: cut off a torn last line (the previous run was interrupted while writing it)", path)
     rows = list(csv.DictReader(io.StringIO(text)))
     if rows and set(rows[0]) != set(COLUMNS):
         raise UserError(f"{path} is not a decisions file of predict --organize (columns {sorted(rows[0])})")
     return {row["path"]: row for row in rows}
+
+
+def part_files(out: Path) -> list[Path]:
+    """The per-rank decision files of a torchrun job (merged into decisions.csv when it ends)."""
+    return sorted(out.glob("decisions.rank*.csv"))
+
+
+def merge_decisions(out: Path) -> int:
+    """Fold the per-rank files into ``decisions.csv`` (rewritten atomically, sorted by path), then remove them;
+    returns how many rows the rank files held.
+
+    A kill between the rewrite and the removals leaves rows in both places; reading dedupes them by path.
+    """
+    decisions = out / DECISIONS
+    rows = read_decisions(decisions)
+    parts = part_files(out)
+    merged = 0
+    for part in parts:
+        part_rows = read_decisions(part, repair=False)
+        merged += len(part_rows)
+        rows |= part_rows
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows[p] for p in sorted(rows))
+    atomic_write_text(decisions, buffer.getvalue())
+    for part in parts:
+        part.unlink()
+    return merged
 
 
 def place(source: str, target: Path, copy: bool) -> None:
@@ -78,7 +108,30 @@ def append_rows(path: Path, rows: list[list]) -> None:
 
 
 def run_organize(cfg) -> int:
-    """Sort ``cfg.paths`` into ``cfg.organize/<class>/`` (or ``uncertain/<class>/`` below ``--min-confidence``)."""
+    """Sort ``cfg.paths`` into ``cfg.organize/<class>/`` (or ``uncertain/<class>/`` below ``--min-confidence``).
+
+    Under torchrun each rank takes its shard of the files not yet decided (``eval_shard``, as evaluation does)
+    and appends to its own ``decisions.rank<r>.csv``; rank 0 merges them into ``decisions.csv`` at the end.
+    """
+    from common import distributed as dist
+
+    runtime = dist.init_distributed(cfg.device)
+    try:
+        bad = organize_shard(cfg, runtime.device, runtime.rank, runtime.world_size)
+        bad = sum(dist.all_gather_object(bad))
+        dist.barrier()
+        if runtime.is_main and (runtime.world_size > 1 or part_files(Path(cfg.organize))):
+            merged = merge_decisions(Path(cfg.organize))
+            log.info("merged %d decisions of the ranks into %s", merged, Path(cfg.organize) / DECISIONS)
+    finally:
+        dist.cleanup()
+    return 1 if bad else 0
+
+
+def organize_shard(cfg, device: torch.device, rank: int = 0, world: int = 1) -> int:
+    """Sort this rank's share of the files no earlier run decided; returns how many could not be read."""
+    from common.data import eval_shard
+    from common.distributed import barrier
     from common.inference import load_trained
 
     if cfg.chunk_size < 1:
@@ -87,7 +140,6 @@ def run_organize(cfg) -> int:
         raise UserError(f"--min-confidence must be between 0 and 1, got {cfg.min_confidence}")
     out = Path(cfg.organize)
     out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
     trained = load_trained(cfg.checkpoint, device)
     doubt = "uncertain" if "uncertain" not in trained.classes else "_uncertain"
     files, base = list_collection(cfg.paths)
@@ -99,12 +151,18 @@ def run_organize(cfg) -> int:
         log.info("left out %d file(s) below the output folder %s", len(files) - len(kept), out)
     files = kept
     decisions = out / DECISIONS
-    done = read_decisions(decisions)
+    target = decisions if world == 1 else out / f"decisions.rank{rank}.csv"
+    done = read_decisions(decisions, repair=world == 1)
+    for part in part_files(out):  # an interrupted torchrun job's rows count as decided too
+        done |= read_decisions(part, repair=part == target)
     pending = [f for f in files if f not in done]
     log.info("%s: %d images, %d sorted by an earlier run (%s), %d to go", base, len(files), len(files) - len(pending),
              decisions, len(pending))  # fmt: skip
+    # Every rank must shard the same list: none may append to its file before all have read theirs.
+    barrier()
+    pending = [pending[i] for i in eval_shard(len(pending), rank, world)]
     normalize = Normalizer(device, trained.pipeline.channels_last)
-    progress = Progress(len(pending), "organizing")
+    progress = Progress(len(pending), "organizing" if world == 1 else f"organizing (rank {rank})")
     chunk, count, statuses = [], 0, Counter()
     for batch in read_batches(pending, eval_transform(trained.pipeline), cfg.batch_size, cfg.workers):
         probs = torch.empty(0, 0)
@@ -122,18 +180,18 @@ def run_organize(cfg) -> int:
             name = trained.classes[int(index)]
             status = "sorted" if confidence >= cfg.min_confidence else "uncertain"
             folder = out / name if status == "sorted" else out / doubt / name
-            target = folder / os.path.relpath(path, base)
-            place(path, target, cfg.copy)
-            chunk.append([path, name, f"{confidence:.6f}", status, os.path.relpath(target, out), ""])
+            destination = folder / os.path.relpath(path, base)
+            place(path, destination, cfg.copy)
+            chunk.append([path, name, f"{confidence:.6f}", status, os.path.relpath(destination, out), ""])
             statuses[status] += 1
         count += len(batch.paths)
         if len(chunk) >= cfg.chunk_size:
-            append_rows(decisions, chunk)
+            append_rows(target, chunk)
             chunk = []
         progress.update(count)
     if chunk:
-        append_rows(decisions, chunk)
+        append_rows(target, chunk)
     progress.close()
     log.info("%s: %d sorted, %d uncertain (below %.2f), %d bad; every decision in %s", out, statuses["sorted"],
-             statuses["uncertain"], cfg.min_confidence, statuses["bad"], decisions)  # fmt: skip
-    return 1 if statuses["bad"] else 0
+             statuses["uncertain"], cfg.min_confidence, statuses["bad"], target)  # fmt: skip
+    return statuses["bad"]
