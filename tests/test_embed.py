@@ -4,6 +4,10 @@ file paths, and the nearest images to a query."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from unittest.mock import ANY
 
 import numpy as np
 import pytest
@@ -13,6 +17,7 @@ from PIL import Image
 from common import config
 from common.cli import build_parser
 from common.owndata.embed import build_index, run_embed, run_similar
+from tests.conftest import ROOT
 from tests.test_organize import write_tiny_checkpoint
 
 pytest.importorskip("faiss", reason="needs the owndata extra: pip install -e '.[owndata]'")
@@ -94,3 +99,20 @@ def test_hnsw_agrees_with_exact_search_on_clustered_vectors():
     _, found = hnsw.search(vectors[:200], 10)
     recall = np.mean([len(set(t) & set(f)) / 10 for t, f in zip(truth, found, strict=True)])
     assert recall > 0.95
+
+
+def test_two_ranks_under_torchrun_build_the_same_index(index, tmp_path):
+    root, checkpoint = index
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "common",
+         "embed", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "index"), str(root / "photos"),
+         "--device", "cpu", "--workers", "0", "--batch-size", "16"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert (tmp_path / "index" / "meta.json").is_file(), proc.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "index").iterdir()) == [
+        "embeddings.npy", "index.faiss", "meta.json", "paths.txt"]  # fmt: skip
+    assert (tmp_path / "index" / "paths.txt").read_text() == (root / "index" / "paths.txt").read_text()
+    joined, single = (np.load(folder / "index" / "embeddings.npy") for folder in (tmp_path, root))
+    np.testing.assert_allclose(joined, single, atol=1e-5)
+    assert json.loads((tmp_path / "index" / "meta.json").read_text())["bad"] == {str(root / "photos/set0/bad.png"): ANY}

@@ -69,21 +69,51 @@ def build_index(vectors: np.ndarray, kind: str):
 
 
 def run_embed(cfg) -> int:
-    """Embed every image of ``cfg.paths`` and write the index folder ``cfg.out``."""
-    import faiss
+    """Embed every image of ``cfg.paths`` and write the index folder ``cfg.out``.
 
-    from common.inference import load_trained
+    Under torchrun each rank embeds its ``eval_shard`` of the files and saves its part in the index folder; rank 0
+    joins the parts (in path order, as one process would have them) and builds the one index.
+    """
+    from common import distributed as dist
 
     require("faiss")
     out = Path(cfg.out)
-    if out.is_dir() and any(out.iterdir()) and not (out / "meta.json").is_file():
+    if (
+        out.is_dir()
+        and any(p for p in out.iterdir() if not p.name.startswith(".part-"))
+        and not (out / "meta.json").is_file()
+    ):
         raise UserError(f"--out {out} is a non-empty folder that is not an embedding index; pick another")
-    device = resolve_device(cfg.device)
+    runtime = dist.init_distributed(cfg.device)
+    try:
+        dist.barrier()  # every rank has checked --out before any writes its part there
+        paths, vectors, bad, arch = embed_shard(cfg, runtime.device, runtime.rank, runtime.world_size)
+        out.mkdir(parents=True, exist_ok=True)
+        if runtime.world_size > 1:
+            np.save(out / f".part-rank{runtime.rank}.npy", vectors)
+            atomic_write_text(out / f".part-rank{runtime.rank}.json", json.dumps({"paths": paths, "bad": bad}))
+            dist.barrier()
+            if runtime.is_main:
+                paths, vectors, bad = join_parts(out, runtime.world_size)
+        if runtime.is_main:
+            write_index(out, paths, vectors, bad, cfg, arch)
+        bad_count = sum(dist.all_gather_object(len(bad)))
+    finally:
+        dist.cleanup()
+    return 1 if bad_count else 0
+
+
+def embed_shard(cfg, device, rank: int = 0, world: int = 1) -> tuple[list[str], np.ndarray, dict[str, str], str]:
+    """``(paths, L2-normalised embeddings, {path: why unreadable}, arch)`` of this rank's share of the files."""
+    from common.data import eval_shard
+    from common.inference import load_trained
+
     trained = load_trained(cfg.checkpoint, device)
     model = embedding_model(trained)
     normalize = Normalizer(device, trained.pipeline.channels_last)
     files, _ = list_collection(cfg.paths)
-    progress = Progress(len(files), "embedding")
+    files = [files[i] for i in eval_shard(len(files), rank, world)]
+    progress = Progress(len(files), "embedding" if world == 1 else f"embedding (rank {rank})")
     paths, parts, bad, done = [], [], {}, 0
     for batch in read_batches(files, eval_transform(trained.pipeline), cfg.batch_size, cfg.workers):
         if batch.good:
@@ -93,11 +123,34 @@ def run_embed(cfg) -> int:
         done += len(batch.paths)
         progress.update(done)
     progress.close()
-    if not parts:
-        raise UserError(f"none of the {len(files)} files could be read: {next(iter(bad.items()), '')}")
-    vectors = np.concatenate(parts)
+    dim = parts[0].shape[1] if parts else 0
+    return paths, np.concatenate(parts) if parts else np.zeros((0, dim), np.float32), bad, trained.config["arch"]
+
+
+def join_parts(out: Path, world: int) -> tuple[list[str], np.ndarray, dict[str, str]]:
+    """The ranks' parts as one sorted list of paths, their vectors and the unreadable files; the parts removed."""
+    paths, vectors, bad = [], [], {}
+    for r in range(world):
+        meta = json.loads((out / f".part-rank{r}.json").read_text())
+        part = np.load(out / f".part-rank{r}.npy")
+        if len(part):
+            paths += meta["paths"]
+            vectors.append(part)
+        bad |= meta["bad"]
+    order = np.argsort(np.array(paths, dtype=object), kind="stable") if paths else np.zeros(0, int)
+    joined = np.concatenate(vectors)[order] if vectors else np.zeros((0, 0), np.float32)
+    for r in range(world):
+        (out / f".part-rank{r}.json").unlink()
+        (out / f".part-rank{r}.npy").unlink()
+    return [paths[i] for i in order], joined, dict(sorted(bad.items()))
+
+
+def write_index(out: Path, paths: list[str], vectors: np.ndarray, bad: dict[str, str], cfg, arch: str) -> None:
+    import faiss
+
+    if not paths:
+        raise UserError(f"none of the files could be read: {next(iter(bad.items()), '')}")
     index, kind = build_index(vectors, cfg.index_type)
-    out.mkdir(parents=True, exist_ok=True)
     tmp = out / ".index.faiss.tmp"
     faiss.write_index(index, str(tmp))
     os.replace(tmp, out / "index.faiss")
@@ -105,14 +158,13 @@ def run_embed(cfg) -> int:
         np.save(f, vectors)
     os.replace(out / ".embeddings.npy.tmp", out / "embeddings.npy")
     atomic_write_text(out / "paths.txt", "".join(p + "\n" for p in paths))
-    meta = {"checkpoint": os.path.abspath(cfg.checkpoint), "arch": trained.config["arch"], "dim": vectors.shape[1],
+    meta = {"checkpoint": os.path.abspath(cfg.checkpoint), "arch": arch, "dim": vectors.shape[1],
             "count": len(paths), "index": kind, "bad": bad}  # fmt: skip
     atomic_write_text(out / "meta.json", json.dumps(meta, indent=2))  # last: its presence marks a complete index
     for path, why in bad.items():
         log.warning("left out %s: %s", path, why)
-    log.info("%s: %d images, %d-dimensional embeddings of %s, %s index", out, len(paths), vectors.shape[1],
-             trained.config["arch"], kind)  # fmt: skip
-    return 1 if bad else 0
+    log.info("%s: %d images, %d-dimensional embeddings of %s, %s index", out, len(paths), vectors.shape[1], arch,
+             kind)  # fmt: skip
 
 
 def load_index(folder: Path):
