@@ -45,7 +45,24 @@ def cmd_evaluate(args) -> int:
 def cmd_predict(args) -> int:
     from common.inference import run_predict
 
-    return run_predict(_resolve(args, config.PredictConfig))
+    cfg = _resolve(args, config.OrganizeConfig)
+    if cfg.organize:
+        from common.owndata.organize import run_organize
+
+        return run_organize(cfg)
+    return run_predict(cfg)
+
+
+def cmd_embed(args) -> int:
+    from common.owndata.embed import run_embed
+
+    return run_embed(_resolve(args, config.EmbedConfig))
+
+
+def cmd_similar(args) -> int:
+    from common.owndata.embed import run_similar
+
+    return run_similar(_resolve(args, config.SimilarConfig))
 
 
 def cmd_benchmark(args) -> int:
@@ -91,7 +108,12 @@ def cmd_prepare(args) -> int:
 
     from common.prepare import check_tree, prepare_fashion_mnist
 
-    cfg = _resolve(args, config.PrepareConfig)
+    cfg = _resolve(args, config.PrepareOwnConfig)
+    if cfg.dataset in ("folder", "csv"):
+        from common.owndata.dataset import prepare_own
+
+        prepare_own(cfg)
+        return 0
     if cfg.check:
         bad = check_tree(Path(cfg.check), cfg.workers)
         return 1 if bad else 0
@@ -147,9 +169,17 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_arguments(p, config.EvaluateConfig)
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("predict", help="top-k classes of image files, folders or globs")
-    config.add_arguments(p, config.PredictConfig)
+    p = sub.add_parser("predict", help="top-k classes of image files, folders or globs (or --organize them)")
+    config.add_arguments(p, config.OrganizeConfig)
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("embed", help="penultimate-layer embeddings of a collection in a faiss index")
+    config.add_arguments(p, config.EmbedConfig)
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("similar", help="the images of an embedding index nearest to a query image")
+    config.add_arguments(p, config.SimilarConfig)
+    p.set_defaults(func=cmd_similar)
 
     p = sub.add_parser("benchmark", help="throughput and latency of training, inference or the data pipeline")
     p.add_argument("--preset", help="recipe preset file (TOML)")
@@ -161,8 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_arguments(p, config.InfoConfig)
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("prepare", help="build an ImageFolder tree from a data set, or check one for bad files")
-    config.add_arguments(p, config.PrepareConfig)
+    p = sub.add_parser(
+        "prepare", help="build an ImageFolder tree from a data set, a raw folder or a CSV; or check one for bad files"
+    )
+    config.add_arguments(p, config.PrepareOwnConfig)
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("learning-curve", help="fine-tune on growing subsets: is it worth collecting more images?")
@@ -197,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # torchrun sets RANK; only rank 0 talks (the others report warnings and errors). Where stdout carries
     # results (predict, --json), the log goes to stderr so that `> out.json` stays valid.
-    data_on_stdout = args.func is cmd_predict or getattr(args, "json", None) is True
+    data_on_stdout = args.func in (cmd_predict, cmd_similar) or getattr(args, "json", None) is True
     setup_stdout_logging(is_main=os.environ.get("RANK", "0") == "0", stream=sys.stderr if data_on_stdout else None)
     try:
         code = args.func(args)

@@ -234,6 +234,44 @@ class AugmentPreviewConfig(AugmentConfig):
 
 
 @dataclass
+class OrganizeConfig(PredictConfig):
+    """``predict`` with ``--organize OUT``: the collection sorted into folders instead of printed."""
+
+    organize: str | None = opt(
+        None,
+        "sort the images into OUT/<predicted class>/ (hard links, or copies with --copy) and record every decision "
+        "in OUT/decisions.csv; a rerun continues where an interrupted one stopped",
+        metavar="OUT",
+    )
+    min_confidence: float = opt(0.0, "with --organize: images predicted below this probability go to uncertain/")
+    copy: bool = opt(False, "with --organize: copy the files instead of hard-linking them")
+    chunk_size: int = opt(256, "with --organize: decisions appended to the CSV (and fsynced) per this many images")
+    workers: int = opt(min(4, os.cpu_count() or 1), "with --organize: decoding worker processes (0: none)")
+
+
+@dataclass
+class EmbedConfig(DeviceConfig):
+    checkpoint: str | None = opt(
+        None, "a training checkpoint; its penultimate layer gives the embeddings", required=True
+    )
+    paths: list[str] = opt([], "image files, folders (searched recursively) or glob patterns", positional="+")
+    out: str | None = opt(None, "index folder to write (index.faiss, paths.txt, embeddings.npy, meta.json)",
+                          required=True)  # fmt: skip
+    batch_size: int = opt(64, "images per batch")
+    workers: int = opt(min(4, os.cpu_count() or 1), "decoding worker processes (0: none)")
+    index_type: str = opt("auto", "faiss index: exact (flat), HNSW graph (hnsw), or flat up to 50,000 images (auto)",
+                          ("auto", "flat", "hnsw"))  # fmt: skip
+
+
+@dataclass
+class SimilarConfig(DeviceConfig):
+    index: str | None = opt(None, "an index folder written by convnets embed", required=True)
+    images: list[str] = opt([], "query image files", positional="+")
+    k: int = opt(10, "neighbours per query", flag="-k")
+    checkpoint: str | None = opt(None, "the model to embed the query with (default: the one the index was built with)")
+
+
+@dataclass
 class InfoConfig:
     arch: str = same_as(ModelConfig, "arch")
     image_size: int | None = opt(None, "input resolution (default: the model's; 224 with --list)")
@@ -250,6 +288,34 @@ class PrepareConfig:
     source: str | None = opt(None, "folder holding the IDX files (default: Debian's dataset-fashion-mnist)")
     check: str | None = opt(None, "list every image below DIR that cannot be decoded (exit 1 if any)", metavar="DIR")
     workers: int = same_as(DataConfig, "workers")
+
+
+@dataclass
+class PrepareOwnConfig(PrepareConfig):
+    """``prepare`` with the two own-data modes: ``folder`` (``--src RAW/<class>/*``) and ``csv`` (``path,label``)."""
+
+    dataset: str | None = opt(
+        None,
+        "what to build: fashion-mnist, a raw folder with one sub-folder per class (folder, with --src), or a CSV of "
+        "path,label rows (csv, with --csv and --root)",
+        ("fashion-mnist", "folder", "csv"),
+        positional="?",
+    )
+    src: str | None = opt(None, "prepare folder: the raw folder, one sub-folder per class")
+    csv: str | None = opt(None, "prepare csv: a CSV of path,label rows (a header row is optional)")
+    root: str | None = opt(None, "prepare csv: the folder the CSV's relative paths start from (default: the CSV's)")
+    val_fraction: float = opt(0.2, "share of each class's images for val/")
+    test_fraction: float = opt(0.0, "share of each class's images for test/ (0: no test split)")
+    seed: int = opt(0, "seed of the split")
+    group_by: str | None = opt(
+        None,
+        "regular expression over each file's path below its class folder; files with the same match (its first "
+        "group if it has one) stay on one side of the split, e.g. '^(.+)_frame\\d+' for frames of one video",
+        metavar="REGEX",
+    )
+    dup_radius: int = opt(10, "near duplicates: at most this many of the 256 dhash bits differ (0: exact copies only)")
+    min_per_class: int = opt(20, "warn about classes with fewer images than this")
+    overwrite: bool = opt(False, "replace a non-empty --out (after the new tree is complete)")
 
 
 def _base_type(tp):
