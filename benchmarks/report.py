@@ -74,6 +74,7 @@ def load(results: Path) -> list[Device]:
                 r["precision"], r["model"] = _precision(r), _model(r)
                 r.setdefault("repeats", 1)
                 r.setdefault("throughput_img_s_std", None)
+                _add_counts(r)
                 dev.points.append(r)
             elif "comparison" in r or path.name.startswith("compare_"):
                 dev.ratios.append(r)
@@ -85,6 +86,22 @@ def load(results: Path) -> list[Device]:
         if dev.points or dev.runs or dev.ratios:
             devices.append(dev)
     return devices
+
+
+def _add_counts(point: dict) -> None:
+    """Params and MACs for result files written before the suite recorded them (the sweep's, compare.py's):
+    counted now, on the meta device, from the model the file names."""
+    if point.get("macs_per_image_forward"):
+        return
+    from common.info import count_model
+
+    try:
+        counts = count_model(point["arch"], point["image_size"], 1000, point.get("width_mult"))
+    except Exception:  # noqa: BLE001 - a model no longer registered: its counts stay unknown
+        return
+    point["params"] = counts.params
+    point["macs_per_image_forward"] = counts.macs
+    point["achieved_macs_per_s"] = counts.macs * (3 if point["mode"] == "train" else 1) * point["throughput_img_s"]
 
 
 def load_references(path: Path = HERE / "references.toml") -> dict:
@@ -174,8 +191,8 @@ def _dataset(run: dict) -> str:
 
 def points_table(dev: Device, refs: dict) -> list[str]:
     lines = [
-        "| mode | model | precision | size | data | batch | img/s (mean ± std) | repeats x iterations | p50 ms | p99 ms "
-        "| MFU | img/s per W | load avg |",
+        "| mode | model | precision | size | data | batch | img/s (mean ± std) | repeats x iterations "
+        "| p50 ms | p99 ms | MFU | img/s per W | load avg |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     order = sorted(dev.points, key=lambda p: (p["mode"], p["model"], p["precision"], p["image_size"],
@@ -204,11 +221,13 @@ def ratio_lines(dev: Device) -> list[str]:
                 f"{k} {r['img_s_median'][k]:,.0f} img/s ({v:.2f}x)" for k, v in r["ratio_to_baseline"].items()
             )
             lines.append(f"- **Loaders** ({r['workers']} workers, {r['image_size']} px, batch {r['batch_size']}, "
-                         f"median of {r['rounds']} interleaved rounds): {sides}. [{r['_file']}]({r['_file']})")  # fmt: skip
+                         f"median of {r['rounds']} interleaved rounds): {sides}. "
+                         f"[{r['_file']}]({r['_file']})")  # fmt: skip
         elif kind == "engine_vs_plain_loop":
             verdict = "within" if r["within_limit"] else "OVER"
             lines.append(f"- **Engine vs plain PyTorch loop** ({r['arch']}, {r['image_size']} px, batch "
-                         f"{r['batch_size']}): {r['engine_img_s_median']:,.1f} vs {r['plain_img_s_median']:,.1f} img/s, "
+                         f"{r['batch_size']}): {r['engine_img_s_median']:,.1f} vs "
+                         f"{r['plain_img_s_median']:,.1f} img/s, "
                          f"overhead {r['overhead_pct']:+.1f}% ({verdict} the {r['overhead_limit_pct']:g}% limit). "
                          f"[{r['_file']}]({r['_file']})")  # fmt: skip
         elif kind == "inference_backends":
@@ -228,7 +247,8 @@ def ratio_lines(dev: Device) -> list[str]:
             lines.append("")
         elif "ratio" in r:  # benchmarks/compare.py's files
             lines.append(f"- `{Path(r['_file']).name}` (benchmarks/compare.py): ratio {r['ratio']:.2f} "
-                         f"({', '.join(k for k in r if k.endswith('_median'))}). [{r['_file']}]({r['_file']})")  # fmt: skip
+                         f"({', '.join(k for k in r if k.endswith('_median'))}). "
+                         f"[{r['_file']}]({r['_file']})")  # fmt: skip
     return lines
 
 
@@ -305,7 +325,8 @@ def plot_device(dev: Device, plots: Path) -> list[str]:
                         label=f"{model} {precision} {size}px")  # fmt: skip
         ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="images / s", title=f"{mode} throughput")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.suptitle(dev.label)
     name = f"{dev.slug}_throughput.png"
     _save(fig, plots / name)
@@ -324,7 +345,8 @@ def plot_device(dev: Device, plots: Path) -> list[str]:
     ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="latency of one batch (ms)",
            title=f"inference latency p50 (solid) and p99 (dashed): {dev.label}")  # fmt: skip
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=6, ncol=2)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=6, ncol=2)
     name = f"{dev.slug}_latency.png"
     _save(fig, plots / name)
     plt.close(fig)
@@ -349,7 +371,7 @@ def plot_accuracy(devices: list[Device], refs: dict, plots: Path) -> str | None:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     ax = axes[0]
-    for dev, r in runs:
+    for _, r in runs:
         speed = statistics.fmean(e["train.total_ips"] for e in r["per_epoch"] if "train.total_ips" in e)
         ax.scatter(speed, r["final_top1"], s=40)
         ax.annotate(f"{_model(r)} ({r['epochs']} ep)", (speed, r["final_top1"]), fontsize=7,
@@ -374,7 +396,8 @@ def plot_accuracy(devices: list[Device], refs: dict, plots: Path) -> str | None:
         for k, x, y in zip(best, xs, ys, strict=True):
             ax.annotate(f"{k[0]:g}x {k[1]}px", (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
     ax.set(xscale="log", xlabel="our inference images / s (batch and precision: see the tables)",
-           ylabel="ImageNet top-1 (%), the paper's", title="MobileNet v1 width x resolution: paper top-1 vs our speed")  # fmt: skip
+           ylabel="ImageNet top-1 (%), the paper's",
+           title="MobileNet v1 width x resolution: paper top-1 vs our speed")  # fmt: skip
     ax.title.set_fontsize(8)
     ax.grid(True, alpha=0.3)
     if by_dev:
@@ -444,7 +467,7 @@ def build(results: Path, out: Path) -> Path:
     for dev in devices:
         if not dev.points:
             continue
-        lines += ["", f"## {dev.label}: summary", "",
+        lines += ["", f"## {dev.label} (`results/{dev.slug}/`): summary", "",
                   "Best over batch sizes, synthetic data. Top-1 from this repository's training runs (their data "
                   "set and size in brackets).", ""]  # fmt: skip
         lines += summary_table(dev, accuracy)
@@ -462,11 +485,11 @@ def build(results: Path, out: Path) -> Path:
     lines += ["## Side by side (ratios)", ""]
     for dev in devices:
         if dev.ratios:
-            lines += [f"### {dev.label}", "", *ratio_lines(dev), ""]
+            lines += [f"### {dev.label} (`results/{dev.slug}/`)", "", *ratio_lines(dev), ""]
     lines += ["## Published references (theirs)", "", *reference_lines(devices, refs, accuracy), ""]
     for dev in devices:
         if dev.points:
-            lines += [f"## {dev.label}: every point", "", *points_table(dev, refs), ""]
+            lines += [f"## {dev.label} (`results/{dev.slug}/`): every point", "", *points_table(dev, refs), ""]
     lines += _method(devices)
     readme = out / "README.md"
     atomic_write_text(readme, "\n".join(lines).rstrip() + "\n")
