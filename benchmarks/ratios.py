@@ -144,6 +144,7 @@ def inference_backends(arch: str, device: torch.device, size: int, batch_sizes: 
 
         return call
 
+    # ONNX Runtime takes host arrays: on a GPU its figures include the copies in and out, as a server's would.
     def ort_side(x):
         return session.run([meta.output_name], {meta.input_name: x.cpu().numpy()})[0]
 

@@ -300,6 +300,17 @@ def _save(fig, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _log_axes(ax) -> None:
+    """Log scales with plain tick labels (8, 64, 250) rather than powers of ten."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    for axis in (ax.xaxis, ax.yaxis):
+        if axis.get_scale() == "log":
+            axis.set_major_formatter(plain)
+            axis.set_minor_formatter(NullFormatter())
+
+
 def plot_device(dev: Device, plots: Path) -> list[str]:
     """Throughput against batch size (train, inference) and inference latency p50/p99; the file names written."""
     import matplotlib
@@ -324,6 +335,7 @@ def plot_device(dev: Device, plots: Path) -> list[str]:
                         yerr=[p["throughput_img_s_std"] or 0 for p in ps], marker="o", capsize=3,
                         label=f"{model} {precision} {size}px")  # fmt: skip
         ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="images / s", title=f"{mode} throughput")
+        _log_axes(ax)
         ax.grid(True, which="both", alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
@@ -344,6 +356,7 @@ def plot_device(dev: Device, plots: Path) -> list[str]:
                 label=f"{model} {precision} {size}px p99")  # fmt: skip
     ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="latency of one batch (ms)",
            title=f"inference latency p50 (solid) and p99 (dashed): {dev.label}")  # fmt: skip
+    _log_axes(ax)
     ax.grid(True, which="both", alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=6, ncol=2)
@@ -380,6 +393,7 @@ def plot_accuracy(devices: list[Device], refs: dict, plots: Path) -> str | None:
            title="ours: Fashion-MNIST, 32 px, " + ", ".join(sorted({d.label for d, _ in runs})))  # fmt: skip
     ax.title.set_fontsize(8)
     ax.grid(True, alpha=0.3)
+    _log_axes(ax)
     ax = axes[1]
     by_dev = defaultdict(list)
     for dev, p in grid:
@@ -402,6 +416,9 @@ def plot_accuracy(devices: list[Device], refs: dict, plots: Path) -> str | None:
     ax.grid(True, alpha=0.3)
     if by_dev:
         ax.legend(fontsize=7)
+        _log_axes(ax)
+    else:
+        ax.text(0.5, 0.5, "no MobileNet v1 grid point measured yet", ha="center", transform=ax.transAxes)
     name = "accuracy_vs_throughput.png"
     _save(fig, plots / name)
     plt.close(fig)
@@ -451,6 +468,29 @@ def _method(devices: list[Device]) -> list[str]:
         "",
         "Each result file holds its exact command (`command`), resolved arguments (`args`), device, driver and "
         "library versions (`environment`).",
+        "",
+        "| other results here | command | file |",
+        "| --- | --- | --- |",
+        "| one recipe's sweep (batch sizes x precisions) | `bash resnet50/benchmark.sh` (also `mobilenet/`, `vgg/`) "
+        "| `results/<device>/<arch>_<mode>_<precision>_bs<B>.json` |",
+        "| one point | `convnets benchmark --mode train --arch resnet50 --batch-size 256 --amp --json FILE` "
+        "| where `--json` says |",
+        "| engine vs plain loop, dali-cpu vs ImageFolder + PIL, on a data set | "
+        "`python benchmarks/compare.py --data data/fashion-mnist` | `results/<device>/compare_*.json` |",
+        "| serving | `python benchmarks/serve_compare.py` | `results/<device>/serve_compare.json` |",
+        "| training runs (accuracy, wall time, RSS per epoch) | the recipe's launcher with the profile named in the "
+        "file's `command` | `results/<device>/train_*.json` |",
+        "",
+        "## On a GPU machine",
+        "",
+        "```bash",
+        "pip install -e '.[dali,bench,test]'          # or: make setup",
+        "python -m pytest -q tests/test_gpu.py        # dali-gpu against dali-cpu, AMP, telemetry",
+        "bash benchmarks/run.sh --quick               # or the full suite; writes results/<GPU name>/",
+        "```",
+        "",
+        "`nvidia-dali-cuda130` needs an NVIDIA driver for CUDA 13 (580 or newer); with an older driver install "
+        "`nvidia-dali-cuda120` instead.",
     ]
 
 

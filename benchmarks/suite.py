@@ -80,7 +80,7 @@ FULL = Plan(tuple(MODELS), (32, 64, 128, 256), (1, 8, 32, 64, 128, 256), None, N
             True, 2048)  # fmt: skip
 # Under 10 minutes on 2 CPU cores: 64-pixel inputs, two batch sizes, few iterations, the small grid corners.
 QUICK = Plan(tuple(MODELS), (16,), (1, 16), None, 64, 3, 2, 2, ("dali-gpu", "dali-cpu", "pytorch"), "resnet18",
-             (1.0, 0.5), (128, 96), 8, True, 384)  # fmt: skip
+             (1.0, 0.5), (224, 128), 8, True, 384)  # fmt: skip
 
 
 def _csv(kind):
