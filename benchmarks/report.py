@@ -510,6 +510,11 @@ def build(results: Path, out: Path) -> Path:
         lines += ["", f"## {dev.label} (`results/{dev.slug}/`): summary", "",
                   "Best over batch sizes, synthetic data. Top-1 from this repository's training runs (their data "
                   "set and size in brackets).", ""]  # fmt: skip
+        loads = [p["loadavg_before"][0] for p in dev.points if p.get("loadavg_before")]
+        cpus = {p.get("cpu_count") or p.get("environment", {}).get("cpu_count") for p in dev.points} - {None}
+        if loads:  # a busy shared machine slows every figure; say how busy it was
+            lines += [f"1-minute load average when these points started: {min(loads):.1f} to {max(loads):.1f}, on "
+                      f"{'/'.join(map(str, sorted(cpus))) or '?'} logical CPUs.", ""]  # fmt: skip
         lines += summary_table(dev, accuracy)
     lines += ["", "## Plots", ""]
     for dev in devices:
