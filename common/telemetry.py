@@ -54,14 +54,14 @@ def _query(fn, *args, scale: float = 1.0) -> float | None:
 
 
 class GpuSampler:
-    """Samples utilisation, memory and power of one GPU in a background thread while a benchmark runs.
+    """Samples utilisation, memory, power and SM clock of one GPU in a background thread while a benchmark runs.
 
     Does nothing (and says so in ``summary``) where NVML is not available.
     """
 
     def __init__(self, index: int, interval_s: float = 0.1):
         self.index, self.interval_s = index, interval_s
-        self.samples: list[tuple[float, float, float]] = []
+        self.samples: list[tuple[float | None, ...]] = []
         self._stop = threading.Event()
         self._thread = None
         try:
@@ -76,7 +76,8 @@ class GpuSampler:
             util = _query(lambda h: nvml.nvmlDeviceGetUtilizationRates(h).gpu, self._handle)
             mem = _query(lambda h: nvml.nvmlDeviceGetMemoryInfo(h).used, self._handle, scale=2**20)
             power = _query(nvml.nvmlDeviceGetPowerUsage, self._handle, scale=1000)
-            self.samples.append((util, mem, power))
+            clock = _query(nvml.nvmlDeviceGetClockInfo, self._handle, nvml.NVML_CLOCK_SM)
+            self.samples.append((util, mem, power, clock))
             time.sleep(self.interval_s)
 
     def __enter__(self):
@@ -94,7 +95,7 @@ class GpuSampler:
         """Means and maxima of what was sampled; a reading the device never gave is left out."""
         if not self.samples:
             return None
-        util, mem, power = ([v for v in column if v is not None] for column in zip(*self.samples, strict=True))
+        util, mem, power, clock = ([v for v in column if v is not None] for column in zip(*self.samples, strict=True))
         out = {"samples": len(self.samples)}
         if util:
             out["gpu_util_mean_pct"] = sum(util) / len(util)
@@ -103,4 +104,7 @@ class GpuSampler:
         if power:
             out["gpu_power_mean_w"] = sum(power) / len(power)
             out["gpu_power_max_w"] = max(power)
+        if clock:  # a falling SM clock under load is thermal or power throttling
+            out["gpu_sm_clock_mean_mhz"] = sum(clock) / len(clock)
+            out["gpu_sm_clock_min_mhz"] = min(clock)
         return out
