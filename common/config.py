@@ -51,7 +51,8 @@ def same_as(cls, name: str, default=dataclasses.MISSING, help: str | None = None
     if default is dataclasses.MISSING:
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
     meta = dict(f.metadata)
-    return opt(default, help or meta.pop("help"), meta.pop("choices"), **meta)
+    own_help = meta.pop("help")  # popped in any case: ``help`` must not reach opt() twice
+    return opt(default, help or own_help, meta.pop("choices"), **meta)
 
 
 @dataclass

@@ -72,3 +72,10 @@ def test_every_command_config_has_help_for_every_field():
                 config.InfoConfig, config.PrepareConfig):  # fmt: skip
         missing = [f.name for f in dataclasses.fields(cls) if not f.metadata.get("help")]
         assert not missing, (cls.__name__, missing)
+
+
+def test_a_shared_option_can_take_its_own_help():
+    """``same_as`` repeats another command's option; a command may word its help differently."""
+    f = config.same_as(config.DataConfig, "workers", help="decode threads for this command")
+    assert f.metadata["help"] == "decode threads for this command"
+    assert f.default == config.DataConfig().workers
