@@ -28,8 +28,8 @@ from common.benchmark import device_name, run_benchmark
 from common.checkpoint import atomic_write_text
 from common.config import COMPILE_MODES, BenchmarkConfig
 from common.distributed import resolve_device
-from common.engine import resolve_amp
 from common.registry import create_model
+from common.step import resolve_amp
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -23,17 +23,10 @@ from common.checkpoint import atomic_write_text
 from common.config import BenchmarkConfig, TrainConfig
 from common.data import ImageList, SyntheticLoader, build_loader, default_backend, scan_split
 from common.distributed import resolve_device
-from common.engine import (
-    Precision,
-    StepRunner,
-    build_optimization,
-    compile_model,
-    pipeline_spec,
-    resolve_amp,
-    resolve_sizes,
-)
+from common.engine import pipeline_spec, resolve_sizes
 from common.errors import UserError
 from common.registry import get_model_spec
+from common.step import Precision, StepRunner, build_optimization, compile_model, resolve_amp
 from common.telemetry import GpuSampler, host_peak_rss_mb
 
 

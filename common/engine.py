@@ -1,4 +1,5 @@
-"""The engine: one training step helper, one epoch loop, one evaluation loop, and ``train`` that wires them.
+"""The engine: the epoch loop and ``train``, which reads as the run's named steps; the optimizer step lives in
+``common/step.py`` and evaluation in ``common/evaluation.py``.
 
 Precision and distribution are wrappers, not branches: autocast and GradScaler are always called with
 ``enabled=...``; DDP wrapping happens once, and the unwrapped model is what gets saved.
@@ -15,26 +16,32 @@ import json
 import logging
 import os
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from common import distributed as dist
-from common.builders import BackboneStages, build_model, build_optimizer, build_scheduler, load_optimizer_state
+from common.builders import BackboneStages, build_model
 from common.checkpoint import CheckpointManager, atomic_write_text, load_checkpoint, restore_rng, rng_state
 from common.config import TrainConfig
 from common.data import DataBundle, PipelineSpec, build_data, default_backend
 from common.data.spec import Augmentation
 from common.errors import UserError
+from common.evaluation import evaluate
 from common.logger import ProgressBar, RunLogger
-from common.metrics import one_vs_rest, roc_auc
 from common.registry import ModelSpec, check_width_mult, get_model_spec
+from common.step import (
+    Optimization,
+    Precision,
+    StepRunner,
+    build_optimization,
+    compile_model,
+    resolve_amp,
+    unwrap,
+)
 from common.telemetry import host_rss_mb
 
 log = logging.getLogger("convnets")
@@ -57,189 +64,6 @@ def pipeline_spec(cfg, image_size: int, resize: int) -> PipelineSpec:
     return PipelineSpec(image_size, resize, cfg.min_crop_scale, cfg.batch_size, cfg.workers,
                         cfg.memory_format == "channels_last", cfg.seed,
                         half=bool(cfg.amp) and cfg.amp_dtype == "float16", augment=augment)  # fmt: skip
-
-
-def resolve_amp(amp: bool | None, device: torch.device) -> bool:
-    """``--amp`` as given, else on for CUDA (as NVIDIA's recipes train) and off on CPU, where autocast is
-    slower than fp32 on cores without bf16 units."""
-    return device.type == "cuda" if amp is None else amp
-
-
-@dataclass(frozen=True)
-class Precision:
-    """Autocast on or off, and its dtype; float16 is the one that needs a GradScaler."""
-
-    amp: bool = False
-    dtype: str = "float16"
-
-    @property
-    def needs_scaler(self) -> bool:
-        return self.amp and self.dtype == "float16"
-
-    def autocast(self, device: torch.device):
-        return torch.autocast(device.type, dtype=getattr(torch, self.dtype), enabled=self.amp)
-
-
-def compile_model(model: nn.Module, mode: str | None) -> nn.Module:
-    """``torch.compile`` in ``mode`` (None: the model as it is).
-
-    ``dynamic=False``: a last partial eval batch gets its own graph, compiled once and reused every epoch,
-    rather than turning the batch dimension symbolic, which would make every full batch run slower code (and,
-    with reduce-overhead, still record one CUDA graph per size).
-    """
-    return model if mode is None else torch.compile(model, mode=mode, dynamic=False)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# One optimizer step
-
-
-class WeightAverage(AveragedModel):
-    """An EMA of the weights and buffers, as ``AveragedModel(use_buffers=True)`` with torch's EMA function keeps
-    it (same updates, same state_dict), except that its update count is mirrored on the host.
-
-    torch's ``update_parameters`` tests ``n_averaged == 0`` and ``> 0`` on the device tensor: two host syncs per
-    optimizer step on a GPU. Here the count is read once (at the first update, and after a checkpoint load).
-    """
-
-    def __init__(self, model: nn.Module, decay: float):
-        super().__init__(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
-        self.updates: int | None = None  # host copy of n_averaged; None: read it at the next update
-
-    def load_state_dict(self, *args, **kwargs):
-        self.updates = None
-        return super().load_state_dict(*args, **kwargs)
-
-    @torch.no_grad()
-    def update_parameters(self, model: nn.Module) -> None:
-        if self.updates is None:
-            self.updates = int(self.n_averaged)
-        averaged = [*self.module.parameters(), *self.module.buffers()]
-        current = [t.detach() for t in (*model.parameters(), *model.buffers())]
-        if self.updates == 0:
-            for own, theirs in zip(averaged, current, strict=True):
-                own.copy_(theirs)
-        else:
-            groups: dict = {}  # torch's EMA function takes tensors of one dtype per call
-            for own, theirs in zip(averaged, current, strict=True):
-                pair = groups.setdefault((own.device, own.dtype), ([], []))
-                pair[0].append(own)
-                pair[1].append(theirs)
-            for (device, _), (own, theirs) in groups.items():
-                self.multi_avg_fn(own, theirs, self.n_averaged.to(device))
-        self.n_averaged += 1
-        self.updates += 1
-
-
-@dataclass
-class Optimization:
-    """Everything that turns gradients into new weights: the optimizer and its schedule, the fp16 loss
-    scaler, the weights' EMA, and how gradients are gathered (accumulated micro-batches, clipping)."""
-
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler
-    ema: WeightAverage | None = None
-    accumulation: int = 1
-    clip_grad_norm: float | None = None
-
-    def state_dict(self) -> dict:
-        """The components' states, under the checkpoint's historical keys."""
-        return {
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "ema": self.ema.state_dict() if self.ema is not None else None,
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        load_optimizer_state(self.optimizer, state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if state["scaler"]:  # empty when the checkpoint ran without fp16: the fresh scaler then starts anew
-            self.scaler.load_state_dict(state["scaler"])
-        if self.ema is not None and state.get("ema") is not None:
-            self.ema.load_state_dict(state["ema"])
-
-
-def build_optimization(model: nn.Module, cfg, lr: float, steps_per_epoch: int, precision: Precision,
-                       accumulation: int = 1, spec: ModelSpec | None = None) -> Optimization:  # fmt: skip
-    """The optimizer over the model's parameter groups (fused on CUDA), the per-step LR schedule, a GradScaler
-    enabled for fp16 autocast, and an EMA when ``cfg.ema_decay`` asks for one.
-
-    ``cfg`` is a :class:`TrainConfig` (the benchmark passes the defaults, so it times the same step); ``spec``
-    names the head, for a backbone learning rate of its own (``cfg.backbone_lr_mult``).
-    """
-    device_type = next(model.parameters()).device.type
-    optimizer = build_optimizer(model, cfg, lr, spec)
-    return Optimization(
-        optimizer=optimizer,
-        scheduler=build_scheduler(optimizer, cfg, steps_per_epoch),
-        scaler=torch.amp.GradScaler(device_type, enabled=precision.needs_scaler),
-        ema=WeightAverage(model, cfg.ema_decay) if cfg.ema_decay else None,
-        accumulation=accumulation,
-        clip_grad_norm=cfg.clip_grad_norm,
-    )
-
-
-class StepRunner:
-    """Forward and backward under autocast; every ``accumulation`` micro-batches: unscale, clip, step, update.
-
-    The loss is divided by ``accumulation`` so accumulated gradients equal those of one large batch, and
-    DDP's all-reduce is skipped (``no_sync``) on all but the last micro-batch.
-    """
-
-    def __init__(self, model: nn.Module, criterion: nn.Module, optimization: Optimization, precision: Precision,
-                 mixup: float = 0.0, cuda_graphs: bool = False):  # fmt: skip
-        self.model, self.criterion, self.opt, self.precision = model, criterion, optimization, precision
-        self.mixup = mixup
-        self.cuda_graphs = cuda_graphs  # the model is compiled with mode="reduce-overhead"
-        self.micro_step = 0
-
-    @property
-    def optimizer(self) -> torch.optim.Optimizer:
-        return self.opt.optimizer
-
-    def loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        with self.precision.autocast(images.device):
-            if self.mixup > 0:
-                # Rolling the batch by one pairs every image with another at no shuffling cost.
-                lam = float(np.random.beta(self.mixup, self.mixup))
-                images = images.mul(lam).add_(images.roll(1, 0), alpha=1 - lam)
-                out = self.model(images)
-                return lam * self.criterion(out, labels) + (1 - lam) * self.criterion(out, labels.roll(1, 0))
-            return self.criterion(self.model(images), labels)
-
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        """Run one micro-batch; returns (loss, whether an optimizer step was taken)."""
-        opt = self.opt
-        if self.cuda_graphs:
-            # Tells the CUDA graph trees a new iteration starts: the last one's outputs may be overwritten.
-            torch.compiler.cudagraph_mark_step_begin()
-        self.micro_step += 1
-        boundary = self.micro_step % opt.accumulation == 0
-        sync = nullcontext() if boundary or not hasattr(self.model, "no_sync") else self.model.no_sync()
-        with sync:
-            loss = self.loss(images, labels)
-            opt.scaler.scale(loss / opt.accumulation).backward()
-        if boundary:
-            if opt.clip_grad_norm:
-                opt.scaler.unscale_(opt.optimizer)
-                nn.utils.clip_grad_norm_(self.model.parameters(), opt.clip_grad_norm)
-            # A fused optimizer reads the scale and the inf flag on the device: this waits for nothing.
-            opt.scaler.step(opt.optimizer)
-            opt.scaler.update()
-            opt.optimizer.zero_grad(set_to_none=True)
-            opt.scheduler.step()
-            if opt.ema is not None:
-                opt.ema.update_parameters(unwrap(self.model))
-        return loss.detach(), boundary
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain model inside DDP and torch.compile wrappers: what gets saved and evaluated."""
-    model = getattr(model, "_orig_mod", model)
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -307,129 +131,6 @@ def train_one_epoch(step: StepRunner, loader, epoch: int, logger: RunLogger, pri
         "train.data_time": data_time / i,
         "train.epoch_time": elapsed,
     }
-
-
-@dataclass
-class EvalResult:
-    loss: float
-    top1: float
-    top5: float
-    count: int
-    confusion: torch.Tensor  # [true, predicted] counts, on the CPU
-    latencies_ms: list[float]
-    positive: int | None = None  # --positive-class: its index, and every image's (score, is positive)
-    scores: np.ndarray | None = None
-    is_positive: np.ndarray | None = None
-
-    def metrics(self, prefix: str) -> dict:
-        lat = np.array(self.latencies_ms) if self.latencies_ms else np.zeros(1)
-        out = {
-            f"{prefix}.loss": self.loss,
-            f"{prefix}.top1": self.top1,
-            f"{prefix}.top5": self.top5,
-            f"{prefix}.compute_latency_mean": float(lat.mean()) / 1000,
-            f"{prefix}.compute_latency_at99": float(np.percentile(lat, 99)) / 1000,
-        }
-        if self.positive is not None:
-            binary = one_vs_rest(self.confusion.numpy(), self.positive)
-            binary["roc_auc"] = roc_auc(self.scores, self.is_positive)
-            out.update({f"{prefix}.{k}": v for k, v in binary.items()})
-        return out
-
-
-def batch_metrics(logits: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed loss, top-1 hits, top-k hits, count) as one float64 tensor, and the top-1 predictions; both
-    on the logits' device, so a batch costs no transfer."""
-    topk = logits.topk(k, dim=1).indices
-    correct = topk.eq(labels.view(-1, 1))
-    loss = F.cross_entropy(logits, labels, reduction="sum")
-    # torch.full fills on the device; torch.tensor(n, device=cuda) would copy from the host and wait for it.
-    count = torch.full((), float(labels.numel()), dtype=torch.float64, device=logits.device)
-    sums = torch.stack([loss.double(), correct[:, 0].sum().double(), correct.any(1).sum().double(), count])
-    return sums, topk[:, 0]
-
-
-class BatchTimer:
-    """Per-batch compute time without waiting for the device: on CUDA a pair of events per batch, read after
-    the loop (one sync for all); on the CPU, where work runs as it is called, the wall clock."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.pairs: list = []
-
-    def start(self):
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
-    def stop(self, started) -> None:
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            self.pairs.append((started, event))
-        else:
-            self.pairs.append((started, time.perf_counter()))
-
-    def milliseconds(self) -> list[float]:
-        """Each batch's time; call after the device has finished (the evaluation's one sync)."""
-        if self.cuda:
-            return [a.elapsed_time(b) for a, b in self.pairs]
-        return [(b - a) * 1000 for a, b in self.pairs]
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader, num_classes: int, precision: Precision = Precision(),
-             positive: int | None = None) -> EvalResult:  # fmt: skip
-    """Loss, top-1/top-5 (percent) and the confusion matrix, summed over ranks; with ``positive`` (a class
-    index) also every image's softmax score for that class, gathered from every rank, for its ROC AUC.
-
-    Every count accumulates on the model's device; the host reads them once, after the last batch.
-    """
-    model.eval()
-    k = min(5, num_classes)
-    sums = confusion = timer = None
-    scores: list[torch.Tensor] = []  # (score, label) pairs, kept on the device until the end
-    for images, labels in loader:
-        if sums is None:
-            device = images.device
-            sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
-            confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
-            timer = BatchTimer(device)
-        started = timer.start()
-        with precision.autocast(images.device):
-            logits = model(images).float()
-        batch, top1 = batch_metrics(logits, labels, k)
-        sums += batch
-        # scatter_add_, not bincount: CUDA's bincount reads the largest value on the host to size its output.
-        confusion.scatter_add_(0, labels * num_classes + top1, torch.ones_like(top1))
-        if positive is not None:
-            scores.append(torch.stack([logits.softmax(1)[:, positive], labels.eq(positive).float()], 1))
-        timer.stop(started)
-    if sums is None:  # an empty shard: still take part in the reduction
-        sums, confusion, timer = (
-            torch.zeros(4, dtype=torch.float64),
-            torch.zeros(num_classes**2, dtype=torch.int64),
-            None,
-        )
-    # One tensor, one all-reduce and one transfer (float64 holds counts exactly up to 2**53).
-    totals = dist.all_reduce_sum(torch.cat([sums, confusion.double()])).cpu()
-    n = max(1.0, totals[3].item())
-    binary = {}
-    if positive is not None:
-        mine = torch.cat(scores).double().cpu() if scores else torch.zeros(0, 2, dtype=torch.float64)
-        pairs = torch.cat(dist.all_gather_object(mine)).numpy()
-        binary = {"positive": positive, "scores": pairs[:, 0], "is_positive": pairs[:, 1] > 0.5}
-    return EvalResult(
-        loss=totals[0].item() / n,
-        top1=100 * totals[1].item() / n,
-        top5=100 * totals[2].item() / n,
-        count=int(totals[3].item()),
-        confusion=totals[4:].round().long().view(num_classes, num_classes),
-        latencies_ms=timer.milliseconds() if timer else [],
-        **binary,
-    )
 
 
 # ----------------------------------------------------------------------------------------------------------

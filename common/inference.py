@@ -28,8 +28,8 @@ from common.data import (
     scan_split,
 )
 from common.distributed import resolve_device
-from common.engine import evaluate
 from common.errors import UserError
+from common.evaluation import evaluate
 from common.registry import get_model_spec
 
 log = logging.getLogger("convnets")

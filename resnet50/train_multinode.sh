@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# ResNet-50 v1.5 on several nodes: NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT from the environment
+# ResNet-50 v1.5 on several nodes: NNODES, MASTER_ADDR, MASTER_PORT from the environment (c10d rendezvous; no NODE_RANK needed)
 # (Slurm, Kubernetes), NPROC_PER_NODE processes per node (default 8). Extra arguments pass through.
 # A machine with an NVIDIA driver trains on CUDA or stops saying why (e.g. a driver too old for this torch build),
 # never silently on the CPU; a CPU-only machine runs on the CPU. A later --device in "$@" wins.

@@ -159,7 +159,7 @@ def test_atomic_save_and_rotation(tmp_path):
 def test_batch_metrics_stay_on_the_logits_device():
     """Evaluation sums its metrics on the device of the model's output: a tensor made on the CPU beside CUDA
     ones cannot be stacked. The meta device stands in for CUDA on a machine without one."""
-    from common.engine import batch_metrics
+    from common.evaluation import batch_metrics
 
     logits, labels = torch.randn(6, 10, device="meta"), torch.zeros(6, dtype=torch.long, device="meta")
     sums, top1 = batch_metrics(logits, labels, k=5)
@@ -173,8 +173,9 @@ def test_batch_metrics_stay_on_the_logits_device():
 def test_an_epoch_run_to_its_end_keeps_the_dali_pipeline(image_tree):
     """train_one_epoch lets the loader finish (DALI's StopIteration) unless the epoch is cut, so the pipeline
     built in epoch 0 serves every later epoch; each new pipeline costs start-up time and host memory."""
-    from common.engine import Optimization, Precision, StepRunner, train_one_epoch
+    from common.engine import train_one_epoch
     from common.logger import RunLogger
+    from common.step import Optimization, Precision, StepRunner
 
     images = scan_split(image_tree / "train")
     spec = PipelineSpec(image_size=32, resize_size=36, batch_size=32, workers=1)
@@ -222,7 +223,7 @@ def test_each_rank_resumes_its_own_random_streams():
 
 
 def test_amp_follows_the_device_unless_given():
-    from common.engine import resolve_amp
+    from common.step import resolve_amp
 
     cuda = torch.device("cuda", 0)  # a device object needs no GPU
     assert (resolve_amp(None, cuda), resolve_amp(None, CPU)) == (True, False)

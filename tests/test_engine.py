@@ -11,8 +11,9 @@ import torch.nn as nn
 
 from common.builders import build_optimizer, load_optimizer_state, optimizer_implementation
 from common.config import TrainConfig, add_arguments, resolve
-from common.engine import Optimization, Precision, StepRunner, build_optimization, evaluate
 from common.errors import UserError
+from common.evaluation import evaluate
+from common.step import Optimization, Precision, StepRunner, build_optimization
 
 
 def tiny_model() -> nn.Module:
@@ -172,7 +173,7 @@ def test_weight_average_matches_torchs_ema_reading_the_device_once(monkeypatch):
     load; but the device count is read once, not twice per update (two syncs per optimizer step on a GPU)."""
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-    from common.engine import WeightAverage
+    from common.step import WeightAverage
 
     torch.manual_seed(0)
     model = tiny_model()

@@ -136,8 +136,8 @@ def engine_step(clip: float | None, ema: float | None):
     """The engine's step as ``train`` builds it for a CUDA run: fused SGD, fp16 GradScaler, channels_last."""
     from common.builders import build_model
     from common.config import TrainConfig
-    from common.engine import Precision, StepRunner, build_optimization
     from common.registry import get_model_spec
+    from common.step import Precision, StepRunner, build_optimization
 
     torch.backends.cudnn.benchmark = True
     model = build_model(get_model_spec("resnet18"), 10).to(CUDA, memory_format=torch.channels_last)
@@ -172,7 +172,8 @@ def test_steady_state_training_steps_never_wait_for_the_gpu(clip, ema):
 def test_evaluation_waits_for_the_gpu_once():
     """Counts, confusion matrix and CUDA-event latencies stay on the device; the host reads them once, however
     many batches."""
-    from common.engine import Precision, evaluate
+    from common.evaluation import evaluate
+    from common.step import Precision
 
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 5)).to(CUDA)
     batches = [(torch.randn(16, 3, 8, 8, device=CUDA), torch.randint(0, 5, (16,), device=CUDA)) for _ in range(6)]

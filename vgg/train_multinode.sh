@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# VGG-16 on several nodes: NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT from the environment
+# VGG-16 on several nodes: NNODES, MASTER_ADDR, MASTER_PORT from the environment (c10d rendezvous; no NODE_RANK needed)
 # (Slurm, Kubernetes), NPROC_PER_NODE processes per node (default 8). Extra arguments pass through.
 # Heavy: 138.4M parameters, 15.5 G multiply-adds per 224x224 image, 3.8x ResNet-50 (note below).
 export RECIPE_NOTE="$(cat "$(dirname "$0")/NOTE")"  # shown above --help
