@@ -55,6 +55,14 @@ def same_as(cls, name: str, default=dataclasses.MISSING, help: str | None = None
     return opt(default, help or own_help, meta.pop("choices"), **meta)
 
 
+def default_workers(max_workers: int = 16) -> int:
+    """Data workers per rank: the cores this process may run on (a container's or Slurm's CPU set, not the whole
+    machine), shared among the ranks torchrun starts on this node, so that 8 ranks of a DGX do not each start a
+    thread per core. Capped: beyond 16 decode threads a GPU's pipeline gains nothing."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(max_workers, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
+
+
 @dataclass
 class DeviceConfig:
     device: str = opt(
@@ -71,7 +79,11 @@ class DataConfig:
         "ImageFolder root holding train/<class>/* and val/<class>/* (default: $DATA_DIR or /data/imagenet)",
     )
     data_backend: str | None = opt(None, "data pipeline (default: dali-gpu with a GPU, dali-cpu without)", BACKENDS)
-    workers: int = opt(min(8, os.cpu_count() or 1), "decode threads (DALI) or worker processes (pytorch) per rank")
+    workers: int = opt(
+        default_workers(),
+        "decode threads (DALI) or worker processes (pytorch) per rank (default: this node's usable cores shared "
+        "among its ranks, at most 16)",
+    )
     image_size: int | None = opt(None, "training and eval resolution (default: the model's)")
     val_resize: int | None = opt(None, "shorter side before the eval center crop (default: image_size * 256/224)")
     min_crop_scale: float = opt(0.08, "smallest area fraction of RandomResizedCrop")

@@ -79,3 +79,15 @@ def test_a_shared_option_can_take_its_own_help():
     f = config.same_as(config.DataConfig, "workers", help="decode threads for this command")
     assert f.metadata["help"] == "decode threads for this command"
     assert f.default == config.DataConfig().workers
+
+
+def test_data_workers_follow_the_cores_per_rank(monkeypatch):
+    """DALI threads / loader processes default to this node's usable cores divided among its torchrun ranks."""
+    monkeypatch.setattr(config.os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert config.default_workers() == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert config.default_workers() == 16  # capped
+    monkeypatch.setattr(config.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert config.default_workers() == 1
