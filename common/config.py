@@ -446,7 +446,8 @@ MINIMUMS = {
 def validate(cfg) -> None:
     for key, low in MINIMUMS.items():
         value = getattr(cfg, key, None)
-        if value is not None and value < low:
+        # Only numbers: a field of another command may share the name (similar's ``images`` are paths).
+        if isinstance(value, int | float) and not isinstance(value, bool) and value < low:
             raise UserError(f"--{key.replace('_', '-')} must be at least {low}, got {value}")
     if not 0 < getattr(cfg, "min_crop_scale", 0.5) <= 1:
         raise UserError(f"--min-crop-scale must be in (0, 1], got {cfg.min_crop_scale}")

@@ -91,3 +91,11 @@ def test_data_workers_follow_the_cores_per_rank(monkeypatch):
     monkeypatch.setattr(config.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert config.default_workers() == 1
+
+
+def test_bounds_apply_to_numbers_only():
+    """``images`` is a count for augment-preview (at least 1) and a list of query files for similar."""
+    with pytest.raises(UserError, match="--images must be at least 1"):
+        config.resolve(config.AugmentPreviewConfig, {"data": "d", "images": 0})
+    cfg = config.resolve(config.SimilarConfig, {"index": "i", "images": ["a.jpg", "b.jpg"]})
+    assert cfg.images == ["a.jpg", "b.jpg"]
