@@ -26,7 +26,7 @@ COPY . /workspace
 # Every package the base image holds is pinned to its installed version, so pip adds only what is missing
 # (nvidia-ml-py, the serving extra) and cannot swap NGC's torch for a PyPI build.
 RUN pip list --format=freeze > /tmp/ngc-pins.txt \
-    && pip install --no-cache-dir -c /tmp/ngc-pins.txt -e '/workspace[serve]' \
+    && pip install --no-cache-dir -c /tmp/ngc-pins.txt -e '/workspace[serve,owndata]' \
     && rm -f /tmp/ngc-pins.txt \
     && python -m common info --list > /dev/null
 

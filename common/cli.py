@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -135,7 +136,11 @@ def cmd_augment_preview(args) -> int:
 def cmd_learning_curve(args) -> int:
     from common.learning_curve import run_learning_curve
 
-    run_learning_curve(_resolve(args, config.LearningCurveConfig))
+    cfg = _resolve(args, config.LearningCurveConfig)
+    if "output" not in _cli_values(args, config.LearningCurveConfig):
+        # A preset's output names its own training run (the finetune profiles do): the curve's runs go elsewhere.
+        cfg = dataclasses.replace(cfg, output=None)
+    run_learning_curve(cfg)
     return 0
 
 

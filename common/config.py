@@ -498,10 +498,15 @@ def fit_schedule(cfg, written_for: int, typed: set[str]):
 
 def resolve(cls, cli: dict, preset: str | None = None, profile: str | None = None):
     """Build ``cls`` from its defaults, then the preset, then the command line (``cli`` holds only typed options)."""
-    values = {}
+    values, training_only = {}, []
     if preset:
         for key, value in load_preset(preset, profile).items():
+            if key not in _fields(cls) and key in _fields(TrainConfig):
+                training_only.append(key)  # a recipe preset read by another command (benchmark): not its setting
+                continue
             values[key] = _check_value(cls, key, value, f"preset {preset}")
+        if training_only:
+            log.info("preset %s: training settings not used here: %s", preset, ", ".join(training_only))
     elif profile:
         raise UserError("--profile needs --preset")
     written_for = values.get("epochs", getattr(cls, "epochs", None))  # the schedule's length, before the command line

@@ -123,8 +123,12 @@ def resolve_device(requested: str = "auto", local_rank: int = 0) -> torch.device
         if requested.startswith("cuda:"):
             if int(requested[5:]) >= torch.cuda.device_count():
                 raise UserError(f"--device {requested}: this machine shows {torch.cuda.device_count()} GPU(s)")
-            return torch.device(requested)
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
+            device = torch.device(requested)
+        else:
+            device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        # The current device too: CUDA events, side streams and caching allocators take it, not the tensors'.
+        torch.cuda.set_device(device)
+        return device
     driver = nvidia_driver_version()
     if driver is None:
         if requested == "auto":

@@ -111,7 +111,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     (images,) = drop_bad_images([images], cfg.image_check, cfg.skip_bad_images, cfg.workers,
                                 dali=backend.startswith("dali"))  # fmt: skip
     loader = build_loader(backend, images, trained.pipeline, train=False, device=device)
-    result = evaluate(trained.model, loader, len(trained.classes))
+    # The model's own output size: a run trained with a larger --num-classes than its folders predicts there too.
+    result = evaluate(trained.model, loader, trained.config["num_classes"])
     confusion = result.confusion[: len(trained.classes), : len(trained.classes)]
     per_class = {}
     for i, name in enumerate(trained.classes):
@@ -192,7 +193,8 @@ def run_predict(cfg: PredictConfig) -> int:
         if good:
             images = normalize(torch.stack(good).to(device))
             with torch.no_grad():
-                values, indices = trained.model(images).float().softmax(1).topk(k, dim=1)
+                logits = trained.model(images)[:, : len(trained.classes)]  # outputs without a class name left out
+                values, indices = logits.float().softmax(1).topk(k, dim=1)
             results = iter(zip(values.tolist(), indices.tolist(), strict=True))
         for path, tensor, error in batch:
             if tensor is None:

@@ -94,6 +94,16 @@ def write_plot(path: Path, sizes: list[int], top1: list[float], title: str) -> N
     os.replace(tmp, path)
 
 
+def final_metrics(log_path: Path) -> dict:
+    """The last validation metrics a finished run logged."""
+    from common.logger import read_log
+
+    finished = [r["data"] for r in read_log(log_path) if "val.top1" in r["data"]]
+    if not finished:
+        raise UserError(f"{log_path}: the run has no validation result; remove {log_path.parent} to train it anew")
+    return finished[-1]
+
+
 def run_learning_curve(cfg: LearningCurveConfig) -> dict:
     """Train once per fraction (same configuration, same validation set); write ``learning_curve.md``,
     ``learning_curve.json`` and ``learning_curve.png`` in ``cfg.output``. Returns the table and the verdict."""
@@ -122,10 +132,12 @@ def run_learning_curve(cfg: LearningCurveConfig) -> dict:
         if batch < run_cfg.batch_size:
             log.info("learning curve: %s has %d training images, batch size %d -> %d", name, len(subset),
                      run_cfg.batch_size, batch)  # fmt: skip
+        # resume auto: a curve run again (or after an interruption) continues each point instead of stopping at
+        # its earlier checkpoints; a finished point is read back from its log.
         run_cfg = dataclasses.replace(run_cfg, data=str(root), output=str(out / name), batch_size=batch,
-                                      optimizer_batch_size=None, resume=None)  # fmt: skip
+                                      optimizer_batch_size=None, resume="auto")  # fmt: skip
         log.info("learning curve: %s, %d training images", name, len(subset))
-        metrics = train(run_cfg)
+        metrics = train(run_cfg) or final_metrics(out / name / "log.json")
         rows.append({"fraction": fraction, "train_images": int(len(subset)), "val.top1": metrics["val.top1"],
                      "val.loss": metrics["val.loss"]})  # fmt: skip
     sizes, top1 = [r["train_images"] for r in rows], [r["val.top1"] for r in rows]

@@ -99,3 +99,16 @@ def test_bounds_apply_to_numbers_only():
         config.resolve(config.AugmentPreviewConfig, {"data": "d", "images": 0})
     cfg = config.resolve(config.SimilarConfig, {"index": "i", "images": ["a.jpg", "b.jpg"]})
     assert cfg.images == ["a.jpg", "b.jpg"]
+
+
+def test_benchmark_takes_what_applies_to_it_from_a_recipe_preset(tmp_path):
+    """A recipe preset is written for training: benchmark reads the model, sizes and precision from it and leaves
+    the schedule; a key no command knows is still an error."""
+    from tests.conftest import ROOT
+
+    cfg = config.resolve(config.BenchmarkConfig, {"mode": "inference"}, str(ROOT / "resnet50" / "preset.toml"))
+    assert (cfg.arch, cfg.image_size, cfg.memory_format, cfg.batch_size) == ("resnet50", 224, "channels_last", 256)
+    preset = tmp_path / "p.toml"
+    preset.write_text("arch = 'resnet18'\nepoch = 3\n")
+    with pytest.raises(UserError, match="unknown setting 'epoch'"):
+        config.resolve(config.BenchmarkConfig, {}, str(preset))

@@ -78,6 +78,9 @@ def test_training_and_prepare_check_share_the_cache(tmp_path, counted):
     drop_bad_images(splits(root), "full", skip_bad=False, workers=1, dali=True)  # a DALI training run
     drop_bad_images(splits(root), "full", skip_bad=False, workers=1, dali=False)  # a pytorch one
     assert counted == {"header": 0, "full": 12, "dali": 12}
+    # evaluate --data DATA checks DATA/val alone: still the root's cache, no decode.
+    drop_bad_images(splits(root)[1:], "full", skip_bad=False, workers=1, dali=True)
+    assert counted == {"header": 0, "full": 12, "dali": 12}
 
 
 def test_a_header_check_is_cached_then_deepened(tmp_path, counted):

@@ -63,8 +63,11 @@ def test_without_nvidia_devices_auto_is_quiet_and_cuda_refuses(monkeypatch, capl
 def test_a_usable_cuda_gives_each_local_rank_its_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    current = []
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
     assert dist.resolve_device("auto", local_rank=3) == torch.device("cuda", 1)
     assert dist.resolve_device("cuda:0", local_rank=1) == torch.device("cuda", 0)
+    assert current == [torch.device("cuda", 1), torch.device("cuda", 0)]  # events and streams follow the device
     assert dist.resolve_device("cpu") == torch.device("cpu")
     with pytest.raises(UserError, match="cuda:2: this machine shows 2 GPU"):
         dist.resolve_device("cuda:2")

@@ -268,3 +268,18 @@ def test_compile_changes_speed_not_results(image_tree, tmp_path):
     assert steps["compiled"][0] == pytest.approx(steps["eager"][0], rel=1e-4)
     assert steps["compiled"] == pytest.approx(steps["eager"], rel=0.03)
     assert epochs["compiled"]["val.loss"] == pytest.approx(epochs["eager"]["val.loss"], rel=0.03)
+
+
+def test_a_model_with_more_outputs_than_classes_evaluates_and_predicts(image_tree, tmp_path):
+    """--num-classes above the folder count (room for classes to come): the unnamed outputs are never reported."""
+    run_cli("train", "--data", str(image_tree), "--data-backend", "pytorch", "--epochs", "1", "--num-classes", "6",
+            "--max-steps-per-epoch", "2", "--output", str(tmp_path / "run"), *FAST_TRAIN)  # fmt: skip
+    checkpoint = str(tmp_path / "run" / "best.pt")
+    proc = run_cli("evaluate", "--checkpoint", checkpoint, "--data", str(image_tree), "--data-backend", "pytorch",
+                   "--json")  # fmt: skip
+    result = json.loads(proc.stdout)
+    assert result["images"] == 64 and set(result["per_class"]) <= {"blue", "green", "red", "yellow"}
+    proc = run_cli("predict", "--checkpoint", checkpoint, "--topk", "5", str(image_tree / "val" / "red"))
+    for line in proc.stdout.splitlines():
+        top = json.loads(line)["top"]
+        assert len(top) == 4 and abs(sum(t["prob"] for t in top) - 1) < 1e-4

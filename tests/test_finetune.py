@@ -194,3 +194,6 @@ def test_learning_curve_writes_table_plot_and_verdict(small_tree, tmp_path):
     # The subset is an ImageFolder of links into the data set, validated on the whole val/.
     linked = sorted((tmp_path / "subsets" / "fraction_0.25" / "train").rglob("*.png"))
     assert len(linked) == 8 and all(p.is_symlink() for p in linked)
+    # Run again into the same folder: each finished point is read back, not refused or retrained.
+    again = run_learning_curve(cfg)
+    assert again["rows"] == result["rows"]

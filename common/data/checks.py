@@ -259,10 +259,16 @@ def find_bad_images(files: list[str], full: bool = True, workers: int = 1, dali:
     return dict(sorted(bad.items()))
 
 
+SPLIT_NAMES = ("train", "val", "test")
+
+
 def _cache_root(splits: list[ImageList]) -> str:
-    """The data root the splits share (``DATA`` for ``DATA/train`` and ``DATA/val``)."""
+    """The data root the splits share (``DATA`` for ``DATA/train`` and ``DATA/val``); a lone split named like one
+    (``evaluate --data DATA`` checks ``DATA/val``) shares its root's cache with training."""
     roots = [os.path.abspath(images.root) for images in splits]
-    return os.path.commonpath(roots) if len(roots) > 1 else roots[0]
+    if len(roots) > 1:
+        return os.path.commonpath(roots)
+    return os.path.dirname(roots[0]) if os.path.basename(roots[0]) in SPLIT_NAMES else roots[0]
 
 
 def resolve_check_mode(mode: str, uncached: int, total: int) -> tuple[str, str]:

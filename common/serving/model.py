@@ -51,14 +51,16 @@ class ModelMetadata:
 
 
 class WithSoftmax(torch.nn.Module):
-    """The exported graph ends in probabilities, so a Triton client needs no post-processing."""
+    """The exported graph ends in probabilities over the named classes, so a Triton client needs no
+    post-processing (a model trained with a larger ``--num-classes`` than it had class folders has outputs
+    that no name belongs to: they are left out)."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, num_named: int):
         super().__init__()
-        self.model = model
+        self.model, self.num_named = model, num_named
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - the name becomes the graph's input name
-        return self.model(input).float().softmax(1)
+        return self.model(input)[:, : self.num_named].float().softmax(1)
 
 
 def load_checkpoint_model(path: str, device: torch.device) -> tuple[torch.nn.Module, ModelMetadata]:
@@ -78,7 +80,7 @@ def load_checkpoint_model(path: str, device: torch.device) -> tuple[torch.nn.Mod
         std=list(IMAGENET_STD),
         channels_last=trained.pipeline.channels_last,
     )
-    return WithSoftmax(trained.model).eval(), meta
+    return WithSoftmax(trained.model, len(trained.classes)).eval(), meta
 
 
 class TorchRuntime:
