@@ -9,7 +9,9 @@ import random
 import re
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -21,17 +23,18 @@ log = logging.getLogger(__name__)
 EPOCH_PATTERN = re.compile(r"^checkpoint_epoch_(\d+)\.pt$")
 
 
-def atomic_save(obj, path: Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync it, then rename over ``path``.
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """``write(f)`` into a temporary file in the same folder, fsync it, then rename it over ``path``.
 
-    A crash at any moment leaves either the old file or the new one, never a torn one.
+    A crash at any moment leaves either the old file or the new one, never a torn one; a failing ``write``
+    leaves the old file and no temporary one.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -45,15 +48,14 @@ def atomic_save(obj, path: Path) -> None:
         os.close(dir_fd)
 
 
+def atomic_save(obj, path: Path) -> None:
+    """``torch.save`` atomically (see :func:`atomic_write`)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write a small text file atomically (temp file + fsync + rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write a text file atomically (see :func:`atomic_write`)."""
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:

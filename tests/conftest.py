@@ -61,6 +61,18 @@ def image_tree(tmp_path_factory) -> Path:
     return make_tree(tmp_path_factory.mktemp("colors"))
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module's in-process inference: on a shared 2-core machine a second thread spins
+    and makes each small batch about ten times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def fresh_tree(tmp_path) -> Path:
     """A private copy a test may damage (bad files, empty folders)."""

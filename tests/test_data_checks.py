@@ -93,14 +93,16 @@ def test_a_header_check_is_cached_then_deepened(tmp_path, counted):
 def test_the_cache_goes_to_the_user_cache_dir_when_the_data_folder_is_read_only(tmp_path, monkeypatch):
     root = small_tree(tmp_path / "data")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    mkstemp = checks.tempfile.mkstemp
+    import tempfile
+
+    mkstemp = tempfile.mkstemp
 
     def read_only_data(*args, dir=None, **kwargs):
         if os.path.realpath(dir) == os.path.realpath(root):
             raise PermissionError(13, "Read-only file system", str(dir))
         return mkstemp(*args, dir=dir, **kwargs)
 
-    monkeypatch.setattr(checks.tempfile, "mkstemp", read_only_data)
+    monkeypatch.setattr(tempfile, "mkstemp", read_only_data)
     drop_bad_images(splits(root), "header", skip_bad=False, workers=1)
     assert not (root / checks.CACHE_NAME).exists()
     (saved,) = list((tmp_path / "cache" / "convnets").glob("check-cache-*.json.gz"))

@@ -23,13 +23,8 @@ from tests.test_organize import write_tiny_checkpoint
 pytest.importorskip("faiss", reason="needs the owndata extra: pip install -e '.[owndata]'")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread (module scope: set before the index is built): a second one spins on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One intra-op thread, set before the module's index is built (see conftest.one_torch_thread).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

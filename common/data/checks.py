@@ -13,13 +13,13 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
+from common.checkpoint import atomic_write
 from common.data.dali_decode import dali_undecodable
 from common.data.folders import ImageList
 from common.errors import UserError
@@ -135,19 +135,9 @@ class CheckCache:
                                            separators=(",", ":")).encode(), compresslevel=1)  # fmt: skip
         for path in self.paths:
             try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+                atomic_write(path, lambda f: f.write(payload))
             except OSError:
                 continue  # read-only data folder: try the next place
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(payload)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            except OSError:
-                Path(tmp).unlink(missing_ok=True)
-                continue
             self.changed = False
             return path
         log.warning("could not write the image-check cache to %s", " or ".join(map(str, self.paths)))
