@@ -160,13 +160,18 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def add_preset_options(parser: argparse.ArgumentParser, profile_example: str) -> None:
+    """``--preset`` and ``--profile``, for the commands that read a recipe preset (see ``config.resolve``)."""
+    parser.add_argument("--preset", help="recipe preset file (TOML), e.g. resnet50/preset.toml")
+    parser.add_argument("--profile", help=f"named profile inside the preset, e.g. {profile_example}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="convnets", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", help="recipe preset file (TOML), e.g. resnet50/preset.toml")
-    p.add_argument("--profile", help="named profile inside the preset, e.g. 250e or quickstart")
+    add_preset_options(p, "250e or quickstart")
     config.add_arguments(p, config.TrainConfig)
     p.set_defaults(func=cmd_train)
 
@@ -187,8 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_similar)
 
     p = sub.add_parser("benchmark", help="throughput and latency of training, inference or the data pipeline")
-    p.add_argument("--preset", help="recipe preset file (TOML)")
-    p.add_argument("--profile", help="named profile inside the preset")
+    add_preset_options(p, "quickstart")
     config.add_arguments(p, config.BenchmarkConfig)
     p.set_defaults(func=cmd_benchmark)
 
@@ -203,8 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("learning-curve", help="fine-tune on growing subsets: is it worth collecting more images?")
-    p.add_argument("--preset", help="recipe preset file (TOML), e.g. resnet50/preset.toml")
-    p.add_argument("--profile", help="named profile inside the preset, e.g. finetune")
+    add_preset_options(p, "finetune")
     config.add_arguments(p, config.LearningCurveConfig)
     p.set_defaults(func=cmd_learning_curve)
 
