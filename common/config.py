@@ -217,6 +217,11 @@ class EvaluateConfig(DeviceConfig):
     output: str | None = opt(
         None, "folder for metrics.json and confusion_matrix.png (default: eval_<split> beside the checkpoint)"
     )
+    positive_class: str | None = opt(
+        None,
+        "also report precision, recall, F1 and ROC AUC of this class (default: the training run's)",
+        metavar="NAME",
+    )
     json: bool = opt(False, "print one JSON object with top1, top5, loss, per-class")
 
 

@@ -12,6 +12,7 @@ counts on the device and reads them once (``tests/test_gpu.py`` runs steps under
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -30,8 +31,9 @@ from common.config import TrainConfig
 from common.data import DataBundle, PipelineSpec, build_data, default_backend
 from common.data.spec import Augmentation
 from common.errors import UserError
-from common.evaluation import evaluate
+from common.evaluation import evaluate, evaluate_multilabel
 from common.logger import ProgressBar, RunLogger
+from common.losses import build_criterion
 from common.registry import ModelSpec, check_width_mult, get_model_spec
 from common.step import (
     Optimization,
@@ -232,6 +234,11 @@ def positive_index(name: str | None, classes: list[str]) -> int | None:
 
 def count_classes(cfg: TrainConfig, data: DataBundle) -> int:
     num_classes = cfg.num_classes or len(data.classes)
+    if data.multilabel and num_classes != len(data.classes):
+        raise UserError(f"--num-classes {num_classes}: multi-label data has {len(data.classes)} labels, and the "
+                        "sigmoid head needs one output per label")  # fmt: skip
+    if data.multilabel and cfg.positive_class:
+        raise UserError("--positive-class is for single-label data; multi-label runs report AP and F1 per label")
     if num_classes < len(data.classes):
         raise UserError(f"--num-classes {num_classes} is smaller than the {len(data.classes)} class folders")
     return num_classes
@@ -244,20 +251,6 @@ def build_train_model(cfg: TrainConfig, spec: ModelSpec, num_classes: int, rt: d
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     memory_format = torch.channels_last if cfg.memory_format == "channels_last" else torch.contiguous_format
     return model.to(rt.device, memory_format=memory_format)
-
-
-def class_weights(counts: list[int], num_classes: int, device: torch.device) -> torch.Tensor:
-    """Cross-entropy weights for ``--balance``: inverse class frequency, scaled so that the mean weight over the
-    training images is 1 (the loss, and so the learning rate, keep their scale). A class without images (a
-    ``--num-classes`` larger than the folders) gets weight 1: it never appears as a target."""
-    counts_t = torch.zeros(num_classes, dtype=torch.float64)
-    counts_t[: len(counts)] = torch.tensor(counts, dtype=torch.float64)
-    present = counts_t > 0
-    weights = torch.ones(num_classes, dtype=torch.float64)
-    weights[present] = counts_t.sum() / (present.sum() * counts_t[present])
-    log.info("--balance: class weights %.3g to %.3g (inverse class frequency)", weights[present].min().item(),
-             weights[present].max().item())  # fmt: skip
-    return weights.float().to(device)
 
 
 def steps_per_epoch(cfg: TrainConfig, data: DataBundle, accumulation: int) -> int:
@@ -296,12 +289,14 @@ def wrap(model: nn.Module, cfg: TrainConfig, rt: dist.Runtime) -> tuple[nn.Modul
     return compile_model(train_model, cfg.compile), compile_model(model, cfg.compile)
 
 
-def write_run_config(cfg: TrainConfig, plan: RunPlan, num_classes: int, rt: dist.Runtime, logger: RunLogger) -> dict:
+def write_run_config(cfg: TrainConfig, plan: RunPlan, data: DataBundle, num_classes: int, rt: dist.Runtime,
+                     logger: RunLogger) -> dict:  # fmt: skip
     """The resolved configuration: written to config.json, the log and every checkpoint."""
     resolved = {**dataclasses.asdict(cfg), "output": str(plan.output), "data_backend": plan.backend,
                 "image_size": plan.image_size, "val_resize": plan.resize, "num_classes": num_classes,
                 "world_size": rt.world_size, "accumulation": plan.accumulation, "effective_lr": plan.lr,
-                "optimizer_batch_size": plan.optimizer_batch, "device": str(rt.device)}  # fmt: skip
+                "optimizer_batch_size": plan.optimizer_batch, "device": str(rt.device),
+                "multilabel": data.multilabel}  # fmt: skip
     if rt.is_main:
         plan.output.mkdir(parents=True, exist_ok=True)
         atomic_write_text(plan.output / "config.json", json.dumps(resolved, indent=2))
@@ -337,16 +332,17 @@ def train(cfg: TrainConfig) -> dict:
             log.info("two-stage fine-tuning: the head alone for %d epoch(s), then the whole network (backbone lr x %g)",
                      cfg.freeze_backbone_epochs, cfg.backbone_lr_mult)  # fmt: skip
     train_model, eval_model = wrap(model, cfg, rt)
-    weights = class_weights(data.class_counts, num_classes, rt.device) if cfg.balance else None
-    criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing)
+    criterion = build_criterion(data.multilabel, data.class_counts, data.train_images, num_classes,
+                                cfg.label_smoothing, cfg.balance, rt.device)  # fmt: skip
     step = StepRunner(train_model, criterion, opt, precision, cfg.mixup, cuda_graphs=cfg.compile == "reduce-overhead")
 
     logger = RunLogger(plan.output / "log.json", enabled=rt.is_main)
-    resolved = write_run_config(cfg, plan, num_classes, rt, logger)
+    resolved = write_run_config(cfg, plan, data, num_classes, rt, logger)
     if rt.is_main:
         log.info(
-            "training %s on %s: %d classes, %d train batches/epoch of %d x %d processes, lr %.4g, backend %s",
-            cfg.arch, rt.device, num_classes, len(data.train), cfg.batch_size, rt.world_size, plan.lr, plan.backend,
+            "training %s on %s: %d %s, %d train batches/epoch of %d x %d processes, lr %.4g, backend %s",
+            cfg.arch, rt.device, num_classes, "labels (multi-label, sigmoid)" if data.multilabel else "classes",
+            len(data.train), cfg.batch_size, rt.world_size, plan.lr, plan.backend,
         )  # fmt: skip
     try:
         return run_epochs(cfg, step, eval_model, data, num_classes, progress, ckpts, resolved, logger, rt, stages,
@@ -365,6 +361,7 @@ def run_epochs(cfg: TrainConfig, step: StepRunner, eval_model: nn.Module, data: 
     best, global_step = progress.best, progress.global_step
     epoch_steps = steps_per_epoch(cfg, data, opt.accumulation)
     final: dict = {}
+    evaluator = evaluate_multilabel if data.multilabel else functools.partial(evaluate, positive=positive)
     for epoch in range(progress.start_epoch, cfg.epochs):
         if stages is not None and epoch == stages.freeze_epochs and epoch > progress.start_epoch:
             # Stage 2: the backbone trains again. DDP and torch.compile wrapped the model with a frozen backbone
@@ -377,22 +374,28 @@ def run_epochs(cfg: TrainConfig, step: StepRunner, eval_model: nn.Module, data: 
                                   rt.world_size, stages)  # fmt: skip
         global_step += epoch_steps
         metrics["train.rss_mb"] = host_rss_mb()
+        result = None
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-            metrics.update(evaluate(eval_model, data.val, num_classes, precision, positive).metrics("val"))
+            result = evaluator(eval_model, data.val, num_classes, precision)
+            metrics.update(result.metrics("val"))
             if opt.ema is not None:  # evaluated eagerly: compiling a second model would double compile time
-                ema = evaluate(opt.ema.module, data.val, num_classes, precision, positive)
-                metrics.update(ema.metrics("val_ema"))
-        is_best = metrics.get("val.top1", -1.0) > best
-        best = max(best, metrics.get("val.top1", best))
+                metrics.update(evaluator(opt.ema.module, data.val, num_classes, precision).metrics("val_ema"))
+        # The best checkpoint is the one with the best top-1, or mAP for multi-label data.
+        is_best = result is not None and result.score > best
+        best = max(best, result.score) if result is not None else best
         logger.log((epoch,), metrics)
         final = metrics
         rngs = dist.all_gather_object(rng_state())  # every rank's generators, so each resumes its own
         if rt.is_main:
             state = checkpoint_state(model, opt, epoch, global_step, resolved, data.classes, best, rngs)
+            if result is not None and data.multilabel:
+                # Tuned on the validation set at this epoch: predict and evaluate on a test split use them.
+                state["thresholds"] = result.thresholds
             ckpts.save(state, epoch, is_best)
         dist.barrier()
     if rt.is_main and final:
-        logger.log(tuple(), {k: v for k, v in final.items() if k.startswith("val")} | {"val.best_top1": best})
+        best_name = "val.best_map" if data.multilabel else "val.best_top1"
+        logger.log(tuple(), {k: v for k, v in final.items() if k.startswith("val")} | {best_name: best})
     return final
 
 

@@ -1,5 +1,5 @@
 """Evaluation on the device: loss, top-1/top-5, the confusion matrix (and one-vs-rest metrics), summed over ranks
-with one host sync per evaluation."""
+with one host sync per evaluation; for multi-label data the sigmoid scores, gathered for mAP and tuned F1."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import distributed as dist
-from common.metrics import one_vs_rest, roc_auc
+from common.metrics import multilabel_report, one_vs_rest, roc_auc
 from common.step import Precision
 
 
@@ -27,6 +27,12 @@ class EvalResult:
     positive: int | None = None  # --positive-class: its index, and every image's (score, is positive)
     scores: np.ndarray | None = None
     is_positive: np.ndarray | None = None
+
+    score_name = "top1"  # what picks the best checkpoint
+
+    @property
+    def score(self) -> float:
+        return self.top1
 
     def metrics(self, prefix: str) -> dict:
         lat = np.array(self.latencies_ms) if self.latencies_ms else np.zeros(1)
@@ -136,4 +142,71 @@ def evaluate(model: nn.Module, loader, num_classes: int, precision: Precision = 
         confusion=totals[4:].round().long().view(num_classes, num_classes),
         latencies_ms=timer.milliseconds() if timer else [],
         **binary,
+    )
+
+
+@dataclass
+class MultiLabelResult:
+    """A multi-label evaluation: the loss, and the report of :func:`common.metrics.multilabel_report` (mAP,
+    per-class AP, F1 at per-class thresholds tuned here, or at the ``thresholds`` given)."""
+
+    loss: float
+    count: int
+    report: dict
+    latencies_ms: list[float]
+
+    score_name = "map"
+
+    @property
+    def score(self) -> float:
+        return 100 * self.report["map"]
+
+    @property
+    def thresholds(self) -> list[float]:
+        return self.report["thresholds"]
+
+    def metrics(self, prefix: str) -> dict:
+        lat = np.array(self.latencies_ms) if self.latencies_ms else np.zeros(1)
+        r = self.report
+        return {
+            f"{prefix}.loss": self.loss,
+            f"{prefix}.map": self.score,  # percent, as top-1
+            f"{prefix}.f1_macro": r["f1_macro"],
+            f"{prefix}.f1_micro": r["f1_micro"],
+            f"{prefix}.exact_match": r["exact_match"],
+            f"{prefix}.compute_latency_mean": float(lat.mean()) / 1000,
+            f"{prefix}.compute_latency_at99": float(np.percentile(lat, 99)) / 1000,
+        }
+
+
+@torch.no_grad()
+def evaluate_multilabel(model: nn.Module, loader, num_classes: int, precision: Precision = Precision(),
+                        thresholds: list[float] | None = None) -> MultiLabelResult:  # fmt: skip
+    """Binary cross-entropy (mean over classes) and every image's sigmoid scores with its targets, kept on the
+    device until the end, then gathered from every rank (a validation set's N x classes floats) for mAP and F1.
+    Without ``thresholds`` the F1 is at thresholds tuned on these images."""
+    model.eval()
+    sums = torch.zeros(2, dtype=torch.float64)  # loss, count; moved to the device at the first batch
+    pairs: list[torch.Tensor] = []
+    timer = None
+    for images, targets in loader:
+        if timer is None:
+            timer, sums = BatchTimer(images.device), sums.to(images.device)
+        started = timer.start()
+        with precision.autocast(images.device):
+            logits = model(images).float()
+        loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / targets.shape[1]
+        count = torch.full((), float(targets.shape[0]), dtype=torch.float64, device=logits.device)
+        sums += torch.stack([loss.double(), count])
+        pairs.append(torch.stack([logits.sigmoid(), targets], 2))
+        timer.stop(started)
+    totals = dist.all_reduce_sum(sums).cpu()
+    mine = torch.cat(pairs).cpu() if pairs else torch.zeros(0, num_classes, 2)
+    gathered = torch.cat(dist.all_gather_object(mine)).double().numpy()
+    n = max(1.0, totals[1].item())
+    return MultiLabelResult(
+        loss=totals[0].item() / n,
+        count=int(totals[1].item()),
+        report=multilabel_report(gathered[:, :, 0], gathered[:, :, 1] > 0.5, thresholds),
+        latencies_ms=timer.milliseconds() if timer else [],
     )

@@ -115,7 +115,7 @@ def test_backbone_lr_mult_groups_cover_every_parameter_once():
 
 
 def test_balance_weighs_classes_by_inverse_frequency():
-    from common.engine import class_weights
+    from common.losses import class_weights
 
     weights = class_weights([30, 10, 0], 4, torch.device("cpu"))
     # 40 images in 2 present classes: 40 / (2 x 30) and 40 / (2 x 10); the mean weight per image stays 1.

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
 from common.data.checks import (
@@ -72,7 +71,7 @@ def build_loader(
         return PytorchLoader(images, spec, train, device, rank, world)
     if backend == "synthetic":
         n = len(images) // (spec.batch_size * world) if train else -(-len(images) // (spec.batch_size * world))
-        return SyntheticLoader(spec, len(images.classes), max(1, n), device)
+        return SyntheticLoader(spec, len(images.classes), max(1, n), device, images.multilabel)
     raise UserError(f"unknown --data-backend {backend!r}")
 
 
@@ -82,6 +81,8 @@ class DataBundle:
     val: Loader
     classes: list[str]
     class_counts: list[int] = dataclasses.field(default_factory=list)  # training images per class (--balance)
+    multilabel: bool = False  # labels.csv splits: 0/1 targets per class, a sigmoid head
+    train_images: int = 0
 
 
 def build_data(cfg: TrainConfig, backend: str, spec: PipelineSpec, device, rank: int, world: int) -> DataBundle:
@@ -96,6 +97,9 @@ def build_data(cfg: TrainConfig, backend: str, spec: PipelineSpec, device, rank:
             raise UserError(f"data folder {root} has no {split}/ folder (expected {root}/{split}/<class>/*)")
     train_images = scan_split(root / "train")
     val_images = scan_split(root / "val", classes=train_images.classes)
+    if train_images.multilabel != val_images.multilabel:
+        multi, single = ("train", "val") if train_images.multilabel else ("val", "train")
+        raise UserError(f"{root / multi} is multi-label (labels.csv) but {root / single} is not: use one layout")
     if backend != "synthetic":
         train_images, val_images = drop_bad_images(
             [train_images, val_images], cfg.image_check, cfg.skip_bad_images, cfg.workers,
@@ -111,5 +115,7 @@ def build_data(cfg: TrainConfig, backend: str, spec: PipelineSpec, device, rank:
         train=build_loader(backend, train_images, spec, True, device, rank, world),
         val=build_loader(backend, val_images, val_spec, False, device, rank, world),
         classes=train_images.classes,
-        class_counts=np.bincount(train_images.labels, minlength=len(train_images.classes)).tolist(),
+        class_counts=train_images.class_counts(),
+        multilabel=train_images.multilabel,
+        train_images=len(train_images),
     )

@@ -16,7 +16,7 @@ from common.data.checks import format_bad, inspect_image
 from common.data.dali_decode import dali_reason, dali_undecodable, require_dali
 from common.data.folders import ImageList
 from common.data.sampling import ShardIndices, extra_draws, shard_indices, train_augmentations
-from common.data.spec import IMAGENET_MEAN, IMAGENET_STD, Loader, PipelineSpec
+from common.data.spec import IMAGENET_MEAN, IMAGENET_STD, Loader, PipelineSpec, as_targets
 from common.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -217,7 +217,7 @@ class DaliLoader(Loader):
                     images = images.permute(0, 3, 1, 2)
                 images = images.to(self.device, non_blocking=True).contiguous(memory_format=memory_format)
                 self.done += 1
-                yield images, labels.view(-1).long().to(self.device, non_blocking=True)
+                yield images, as_targets(labels.to(self.device, non_blocking=True), self.images.multilabel)
             finished = True
         finally:
             # Left mid-epoch (--max-steps-per-epoch, an error): batches of this epoch are still queued inside

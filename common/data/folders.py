@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import logging
 import os
@@ -21,25 +22,35 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".p
 
 @dataclass(frozen=True, eq=False)
 class ImageList:
-    """The files of one split, their labels (indices into ``classes``) and the class names.
+    """The files of one split, their labels and the class names.
 
+    A label is an index into ``classes``; in a multi-label split (``multilabel``) it is a row of 0/1 per class
+    (uint8), which the loaders batch as float targets for a sigmoid head.
     ``sizes``, when the start-up check has read them, is one (width, height) row per file in the displayed
     (EXIF-oriented) frame: the DALI feeder draws crop windows from it without opening a file.
     """
 
     root: Path
     files: list[str]
-    labels: list[int]
+    labels: list
     classes: list[str]
     sizes: np.ndarray | None = None
+    multilabel: bool = False
 
     def __len__(self) -> int:
         return len(self.files)
 
+    def class_counts(self) -> list[int]:
+        """Images per class (an image with several labels counts for each)."""
+        if self.multilabel:
+            return np.asarray(self.labels, np.int64).reshape(-1, len(self.classes)).sum(0).tolist()
+        return np.bincount(np.asarray(self.labels, np.int64), minlength=len(self.classes)).tolist()
+
     def without(self, bad: set[str]) -> ImageList:
         keep = [i for i, f in enumerate(self.files) if f not in bad]
         sizes = None if self.sizes is None else self.sizes[keep]
-        return ImageList(self.root, [self.files[i] for i in keep], [self.labels[i] for i in keep], self.classes, sizes)
+        return dataclasses.replace(self, files=[self.files[i] for i in keep], labels=[self.labels[i] for i in keep],
+                                   sizes=sizes)  # fmt: skip
 
     def with_sizes(self, sizes: np.ndarray) -> ImageList:
         return dataclasses.replace(self, sizes=np.asarray(sizes, dtype=np.int32).reshape(len(self.files), 2))
@@ -94,6 +105,8 @@ def scan_split(split_dir: str | Path, classes: list[str] | None = None) -> Image
         raise UserError(
             f"data folder {split_dir} does not exist (expected an ImageFolder split: {split_dir}/<class>/*)"
         )
+    if (split_dir / LABELS_CSV).is_file():
+        return read_multilabel_split(split_dir, classes)
     found = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not found:
         raise UserError(f"data folder {split_dir} has no class folders (expected {split_dir}/<class>/*)")
@@ -119,3 +132,49 @@ def scan_split(split_dir: str | Path, classes: list[str] | None = None) -> Image
         log.info("%s: no images in %s; those classes are not evaluated", split_dir, ", ".join(empty))
     log_ignored(split_dir, ignored)
     return ImageList(split_dir, files, labels, list(classes))
+
+
+# A multi-label split: the images anywhere below the split folder and one row per image in ``labels.csv``.
+LABELS_CSV = "labels.csv"
+LABEL_SEPARATOR = ";"
+
+
+def read_multilabel_split(split_dir: Path, classes: list[str] | None = None) -> ImageList:
+    """``split_dir/labels.csv`` with rows ``path,labels``: the path relative to ``split_dir``, the labels joined
+    by ``;`` (an empty cell: an image with none of the classes). Classes default to the sorted labels found.
+
+    Raises:
+        UserError: a row names a missing file, a path twice, or (with ``classes``) a label outside them.
+    """
+    csv_path = split_dir / LABELS_CSV
+    rows: list[tuple[str, list[str]]] = []
+    problems, seen = [], set()
+    with open(csv_path, newline="") as f:
+        for n, row in enumerate(csv.reader(f), start=1):
+            if not row or (n == 1 and [c.strip().lower() for c in row[:2]] == ["path", "labels"]):
+                continue
+            rel = row[0].strip()
+            labels = sorted({x.strip() for x in (row[1] if len(row) > 1 else "").split(LABEL_SEPARATOR) if x.strip()})
+            path = split_dir / rel
+            if not rel or rel in seen:
+                problems.append(f"row {n}: {'empty path' if not rel else f'{rel} listed again'}")
+            elif not path.is_file():
+                problems.append(f"row {n}: {path} does not exist")
+            else:
+                seen.add(rel)
+                rows.append((str(path), labels))
+    rows.sort()  # the same order as an ImageFolder split's, whatever the CSV's
+    if problems:
+        raise UserError(f"{csv_path}: {len(problems)} bad row(s): " + "; ".join(problems[:10]))
+    if not rows:
+        raise UserError(f"{csv_path} lists no image (expected rows 'path,labels' with labels joined by ';')")
+    found = sorted({label for _, labels in rows for label in labels})
+    classes = found if classes is None else list(classes)
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise UserError(f"{csv_path} has labels that are not among the training classes: {', '.join(unknown[:10])}")
+    index = {c: i for i, c in enumerate(classes)}
+    targets = np.zeros((len(rows), len(classes)), np.uint8)
+    for i, (_, labels) in enumerate(rows):
+        targets[i, [index[label] for label in labels]] = 1
+    return ImageList(split_dir, [p for p, _ in rows], list(targets), classes, multilabel=True)

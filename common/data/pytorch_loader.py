@@ -8,7 +8,7 @@ import torch
 
 from common.data.folders import ImageList
 from common.data.sampling import ShardIndices, extra_draws, shard_indices, train_augmentation
-from common.data.spec import IMAGENET_MEAN, Augmentation, Loader, Normalizer, PipelineSpec
+from common.data.spec import IMAGENET_MEAN, Augmentation, Loader, Normalizer, PipelineSpec, as_targets
 from common.errors import UserError
 
 
@@ -153,7 +153,7 @@ class PytorchLoader(Loader):
             prefetch_factor=4 if spec.workers > 0 else None,
         )
         super().__init__(len(self.loader))
-        self.device = device
+        self.device, self.multilabel = device, images.multilabel
         self.normalize = Normalizer(device, spec.channels_last, spec.dtype)
 
     def set_epoch(self, epoch: int) -> None:
@@ -162,7 +162,8 @@ class PytorchLoader(Loader):
 
     def _to_device(self, batch):
         images, labels = batch
-        return self.normalize(images.to(self.device, non_blocking=True)), labels.to(self.device, non_blocking=True)
+        labels = as_targets(labels.to(self.device, non_blocking=True), self.multilabel)
+        return self.normalize(images.to(self.device, non_blocking=True)), labels
 
     def _batches(self):
         """The DataLoader's batches; a worker's BadImageError arrives wrapped in its traceback: unwrap it."""

@@ -1,7 +1,8 @@
 """The contract every backend honours: what a loader is told (``PipelineSpec``) and what it yields.
 
 Every backend yields ``(images, labels)`` on the training device: images normalised with the ImageNet mean and
-std (float32, or float16 with ``half``), NCHW in the requested memory format; labels int64. Train:
+std (float32, or float16 with ``half``), NCHW in the requested memory format; labels int64 class indices, or
+float 0/1 targets of shape (batch, classes) for a multi-label split (:func:`as_targets`). Train:
 RandomResizedCrop to ``image_size`` plus a horizontal flip. Eval: resize the shorter side to ``resize_size``,
 center crop ``image_size``.
 """
@@ -88,3 +89,9 @@ class Loader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         raise NotImplementedError
+
+
+def as_targets(labels: torch.Tensor, multilabel: bool) -> torch.Tensor:
+    """A batch of labels as the loss takes them: int64 indices (batch,), or float targets (batch, classes)."""
+    labels = labels.reshape(labels.shape[0], -1)
+    return labels.float() if multilabel else labels.view(-1).long()
