@@ -264,7 +264,7 @@ class OrganizeConfig(PredictConfig):
     min_confidence: float = opt(0.0, "with --organize: images predicted below this probability go to uncertain/")
     copy: bool = opt(False, "with --organize: copy the files instead of hard-linking them")
     chunk_size: int = opt(256, "with --organize: decisions appended to the CSV (and fsynced) per this many images")
-    workers: int = opt(min(4, os.cpu_count() or 1), "with --organize: decoding worker processes (0: none)")
+    workers: int = opt(default_workers(4), "with --organize: decoding worker processes (0: none)")
 
 
 @dataclass
@@ -276,7 +276,7 @@ class EmbedConfig(DeviceConfig):
     out: str | None = opt(None, "index folder to write (index.faiss, paths.txt, embeddings.npy, meta.json)",
                           required=True)  # fmt: skip
     batch_size: int = opt(64, "images per batch")
-    workers: int = opt(min(4, os.cpu_count() or 1), "decoding worker processes (0: none)")
+    workers: int = opt(default_workers(4), "decoding worker processes (0: none)")
     index_type: str = opt("auto", "faiss index: exact (flat), HNSW graph (hnsw), or flat up to 50,000 images (auto)",
                           ("auto", "flat", "hnsw"))  # fmt: skip
 

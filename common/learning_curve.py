@@ -1,5 +1,9 @@
 """``convnets learning-curve``: how many images are enough. Fine-tunes on growing stratified subsets of the
-training set against the same validation set, then writes a table, a plot and a plain verdict."""
+training set against the same validation set, then writes a table, a plot and a plain verdict.
+
+DATA's images are checked once, up front; each subset run finds every file's verdict in its own check cache
+(copied from DATA's) and opens none, so N fractions cost one check, not N.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import numpy as np
 
 from common.checkpoint import atomic_write_text
 from common.config import LearningCurveConfig, TrainConfig
+from common.data import CheckCache, ImageList, drop_bad_images, scan_split
 from common.errors import UserError
 
 log = logging.getLogger("convnets")
@@ -42,20 +47,35 @@ def stratified_subsets(labels: list[int], fractions: list[float], seed: int) -> 
     return [np.sort(np.concatenate([o[: max(1, math.ceil(f * len(o)))] for o in orders])) for f in fractions]
 
 
-def link_subset(data: Path, files: list[str], classes: list[str], labels: list[int], root: Path) -> Path:
+def link_subset(data: Path, files: list[str], classes: list[str], labels: list[int], root: Path) -> dict[str, str]:
     """``root/train/<class>/`` of symbolic links to ``files`` and ``root/val`` linked to ``data/val``: an
-    ImageFolder tree that costs no copy. Made afresh each time, so a re-run with other fractions is right."""
+    ImageFolder tree that costs no copy. Made afresh each time, so a re-run with other fractions is right.
+    Returns ``{link: file}`` for the training files."""
     import shutil
 
     if root.exists():
         shutil.rmtree(root)
+    links = {}
     for k, (path, label) in enumerate(zip(files, labels, strict=True)):
         folder = root / "train" / classes[label]
         folder.mkdir(parents=True, exist_ok=True)
         # A running number keeps two files of one name from different sub-folders apart.
-        (folder / f"{k:07d}_{Path(path).name}").symlink_to(Path(path).resolve())
+        link = folder / f"{k:07d}_{Path(path).name}"
+        link.symlink_to(Path(path).resolve())
+        links[str(link)] = path
     (root / "val").symlink_to((data / "val").resolve(), target_is_directory=True)
-    return root
+    return links
+
+
+def share_verdicts(checked: CheckCache, root: Path, links: dict[str, str]) -> None:
+    """Write ``root``'s image-check cache from DATA's (``checked``): a link's size and mtime are its target's
+    (``stat`` follows links), so the subset run's check finds every file's verdict and size and opens none."""
+    subset = CheckCache(root, load=False)
+    shared = {subset.key(link): checked.entries.get(checked.key(path)) for link, path in links.items()}
+    # root/val links to DATA/val: the same paths below the root, so the same keys.
+    shared |= {key: entry for key, entry in checked.entries.items() if key.startswith("val" + os.sep)}
+    subset.update({key: entry for key, entry in shared.items() if entry is not None})
+    subset.save()
 
 
 def verdict(sizes: list[int], top1: list[float]) -> str:
@@ -104,12 +124,23 @@ def final_metrics(log_path: Path) -> dict:
     return finished[-1]
 
 
+def check_once(data: Path, cfg: LearningCurveConfig) -> ImageList:
+    """DATA/train and DATA/val checked as ``train`` would check them (``--image-check``, ``--skip-bad-images``,
+    DALI's decoder for the DALI backends), once for every point of the curve; returns DATA/train's good files."""
+    train_images = scan_split(data / "train")
+    val_images = scan_split(data / "val", classes=train_images.classes)
+    mode = "none" if cfg.data_backend == "synthetic" else cfg.image_check
+    dali = cfg.data_backend in (None, "dali-cpu", "dali-gpu")  # the default is a DALI backend on either device
+    log.info("learning curve: checking %s once (--image-check %s); each point's run reuses its verdicts", data, mode)
+    train_images, _ = drop_bad_images([train_images, val_images], mode, cfg.skip_bad_images, cfg.workers, dali=dali)
+    return train_images
+
+
 def run_learning_curve(cfg: LearningCurveConfig) -> dict:
     """Train once per fraction (same configuration, same validation set); write ``learning_curve.md``,
     ``learning_curve.json`` and ``learning_curve.png`` in ``cfg.output``. Returns the table and the verdict."""
     import json
 
-    from common.data import scan_split
     from common.engine import train
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -119,14 +150,21 @@ def run_learning_curve(cfg: LearningCurveConfig) -> dict:
     data, out = Path(cfg.data), Path(cfg.output or "runs/learning-curve")
     if not (data / "train").is_dir() or not (data / "val").is_dir():
         raise UserError(f"--data {data}: expected an ImageFolder root with train/ and val/")
-    images = scan_split(data / "train")
+    images = check_once(data, cfg)
     subsets = stratified_subsets(images.labels, fractions, cfg.seed)
+    # Each run's check reads headers only, every one of them already in its cache: it opens no file, leaves out
+    # what DATA's check found bad (with --skip-bad-images), and hands the DALI feeder each image's size.
+    image_check = "none" if cfg.image_check == "none" or cfg.data_backend == "synthetic" else "header"
+    checked = CheckCache(data) if image_check != "none" else None
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     rows = []
     for fraction, subset in zip(fractions, subsets, strict=True):
         name = f"fraction_{fraction:g}"
-        root = link_subset(data, [images.files[i] for i in subset], images.classes,
-                           [images.labels[i] for i in subset], out / "subsets" / name)  # fmt: skip
+        root = out / "subsets" / name
+        links = link_subset(data, [images.files[i] for i in subset], images.classes,
+                            [images.labels[i] for i in subset], root)  # fmt: skip
+        if checked is not None:
+            share_verdicts(checked, root, links)
         run_cfg = TrainConfig(**{k: v for k, v in dataclasses.asdict(cfg).items() if k in train_fields})
         batch = min(run_cfg.batch_size, len(subset))
         if batch < run_cfg.batch_size:
@@ -135,7 +173,7 @@ def run_learning_curve(cfg: LearningCurveConfig) -> dict:
         # resume auto: a curve run again (or after an interruption) continues each point instead of stopping at
         # its earlier checkpoints; a finished point is read back from its log.
         run_cfg = dataclasses.replace(run_cfg, data=str(root), output=str(out / name), batch_size=batch,
-                                      optimizer_batch_size=None, resume="auto")  # fmt: skip
+                                      optimizer_batch_size=None, resume="auto", image_check=image_check)  # fmt: skip
         log.info("learning curve: %s, %d training images", name, len(subset))
         metrics = train(run_cfg) or final_metrics(out / name / "log.json")
         rows.append({"fraction": fraction, "train_images": int(len(subset)), "val.top1": metrics["val.top1"],

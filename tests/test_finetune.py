@@ -176,15 +176,21 @@ def test_learning_curve_verdict():
     assert verdict([100, 1000], [60.0, 62.0]).startswith("flat")  # 2 points over 3.3 doublings
 
 
-def test_learning_curve_writes_table_plot_and_verdict(small_tree, tmp_path):
+def test_learning_curve_writes_table_plot_and_verdict(small_tree, tmp_path, monkeypatch):
     from PIL import Image
 
+    from common.data import checks
     from common.learning_curve import run_learning_curve
 
+    opened = []
+    inspect = checks.inspect_image
+    monkeypatch.setattr(checks, "inspect_image", lambda path, full=True: opened.append(path) or inspect(path, full))
     cfg = config.resolve(config.LearningCurveConfig, {**TINY, "data": str(small_tree), "output": str(tmp_path),
-                                                      "fractions": "0.25,1.0", "epochs": 1,
-                                                      "max_steps_per_epoch": 1})  # fmt: skip
+                                                      "fractions": "0.25,1.0", "epochs": 1, "max_steps_per_epoch": 1,
+                                                      "image_check": "full"})  # fmt: skip
     result = run_learning_curve(cfg)
+    # DATA's 32 training and 16 validation images are checked once; neither point's run opens one again.
+    assert sorted(opened) == sorted(str(p) for p in small_tree.rglob("*.png"))
     assert [r["train_images"] for r in result["rows"]] == [8, 32]
     assert result["verdict"].split(":")[0] in ("still rising", "flat")
     report = (tmp_path / "learning_curve.md").read_text()
@@ -197,3 +203,4 @@ def test_learning_curve_writes_table_plot_and_verdict(small_tree, tmp_path):
     # Run again into the same folder: each finished point is read back, not refused or retrained.
     again = run_learning_curve(cfg)
     assert again["rows"] == result["rows"]
+    assert len(opened) == 48

@@ -4,7 +4,9 @@ stratified and grouped splits, hard links, and the report."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import pytest
 from PIL import Image
 
 from common import config
+from common.data import checks, drop_bad_images, inspect_image, scan_split
 from common.errors import UserError
 from common.owndata.dataset import prepare_own
 from common.owndata.dedup import HASH_BITS, image_hash, near_pairs
@@ -31,7 +34,7 @@ def make_raw(root: Path, seed: int = 0) -> dict:
     """A raw folder nobody prepared: skewed classes (30/14/3), resized and re-compressed copies (some across
     folders of one class), five frames of one video, and four bad files. Returns what was planted."""
     rng = np.random.default_rng(seed)
-    planted = {"copies": [], "bad": [], "frames": []}
+    planted = {"copies": [], "bad": [], "frames": [], "dali_only": []}
     for name, n in (("cat", 30), ("dog", 14), ("owl", 3)):
         (root / name / "sub").mkdir(parents=True)
         for i in range(n):
@@ -56,6 +59,9 @@ def make_raw(root: Path, seed: int = 0) -> dict:
     (root / "dog" / "truncated.png").write_bytes(data[: len(data) // 3])
     (root / "cat" / "notes.txt").write_text("ignored: not an image extension")
     planted["bad"] = [root / "cat" / "empty.jpg", root / "cat" / "text.png", root / "dog" / "truncated.png"]
+    # A 32-bit integer TIFF: PIL reads it, DALI's decoder (the default backends') does not.
+    Image.fromarray(np.arange(40 * 40, dtype=np.int32).reshape(40, 40) * 1000).save(root / "dog" / "scan.tif")
+    planted["dali_only"] = [root / "dog" / "scan.tif"]
     return planted
 
 
@@ -89,12 +95,62 @@ def prepared(raw, tmp_path_factory) -> tuple[Path, object]:
 def test_bad_files_are_named_and_left_out(raw, prepared):
     out, result = prepared
     report = json.loads((out / "report.json").read_text())
-    assert set(report["bad"]) == {str(p) for p in raw[1]["bad"]}
+    assert set(report["bad"]) - {str(p) for p in raw[1]["dali_only"]} == {str(p) for p in raw[1]["bad"]}
     assert "empty file" in report["bad"][str(raw[0] / "cat" / "empty.jpg")]
     names = {p.name for files in written(out).values() for p in files}
     assert not names & {"empty.jpg", "text.png", "truncated.png", "notes.txt"}
     md = (out / "report.md").read_text()
     assert all(str(p) in md for p in raw[1]["bad"])
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Count the files training's start-up check opens with PIL or decodes with DALI."""
+    calls = {"pil": 0, "dali": 0}
+    inspect, dali = checks.inspect_image, checks.dali_undecodable
+
+    def inspect_counted(path, full=True):
+        calls["pil"] += 1
+        return inspect(path, full)
+
+    def dali_counted(files, *args, **kwargs):
+        calls["dali"] += len(files)
+        return dali(files, *args, **kwargs)
+
+    monkeypatch.setattr(checks, "inspect_image", inspect_counted)
+    monkeypatch.setattr(checks, "dali_undecodable", dali_counted)
+    return calls
+
+
+def test_training_check_after_prepare_decodes_nothing(prepared, counted, caplog, monkeypatch):
+    out, result = prepared
+    dali = importlib.util.find_spec("nvidia.dali") is not None
+
+    def splits(data: Path):
+        train = scan_split(data / "train")
+        return [train, scan_split(data / "val", classes=train.classes)]
+
+    with caplog.at_level(logging.INFO, logger="common.data.checks"):
+        kept = drop_bad_images(splits(out), "auto", skip_bad=False, workers=1, dali=dali)  # what `train` runs
+    assert counted == {"pil": 0, "dali": 0}
+    assert "image check: full (all" in caplog.text
+    assert [len(k) for k in kept] == [sum(result.counts[s].values()) for s in ("train", "val")]
+    drop_bad_images(splits(out), "full", skip_bad=False, workers=1, dali=False)  # the pytorch backend's check
+    monkeypatch.chdir(out.parent)  # `--data data`, a relative path: the same cache keys
+    drop_bad_images(splits(Path(out.name)), "full", skip_bad=False, workers=1, dali=dali)
+    assert counted == {"pil": 0, "dali": 0}
+    # The sizes training's DALI feeder draws crops from come from the cache: the displayed sizes, as a check reads.
+    assert kept[0].sizes.tolist() == [list(inspect_image(f)[1:]) for f in kept[0].files]
+
+
+def test_a_file_only_dali_refuses_is_named_and_left_out(raw, prepared):
+    pytest.importorskip("nvidia.dali")
+    out, result = prepared
+    (tiff,) = raw[1]["dali_only"]
+    assert inspect_image(str(tiff))[0] is None  # PIL reads it
+    assert result.bad[str(tiff)].startswith("DALI cannot decode it")
+    assert not [p for files in written(out).values() for p in files if p.name == tiff.name]
+    assert str(tiff) in (out / "report.md").read_text()
 
 
 def test_no_near_duplicate_straddles_the_split(raw, prepared):

@@ -116,11 +116,18 @@ class CheckCache:
                 break
 
     def key(self, path: str) -> str:
-        return path[len(self.prefix) :] if path.startswith(self.prefix) else os.path.abspath(path)
+        if not path.startswith(self.prefix):  # a relative --data: the same key as its absolute spelling
+            path = os.path.abspath(path)
+        return path[len(self.prefix) :] if path.startswith(self.prefix) else path
 
     def lookup(self, path: str, stat: tuple[int, int]) -> list | None:
         entry = self.entries.get(self.key(path))
         return entry if entry is not None and (entry[0], entry[1]) == stat else None
+
+    def record_decoded(self, path: str, width: int, height: int, dali: bool) -> None:
+        """Record that ``path`` (displayed ``width`` x ``height``) decodes fully with PIL, and with DALI's CPU
+        decoder when ``dali``, as :func:`check_files` would: ``convnets prepare`` checked it, so training need not."""
+        self.update({self.key(path): [*_stat(path), width, height, FULL, None, int(dali), None]})
 
     def update(self, new: dict[str, list]) -> None:
         if new:

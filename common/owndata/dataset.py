@@ -1,7 +1,9 @@
 """``convnets prepare folder|csv``: a raw folder (one sub-folder per class) or a CSV of ``path,label`` rows made into
 an ImageFolder data set that is safe to train and validate on.
 
-Every file is decoded (bad ones are listed and left out), exact and near duplicates are found before splitting
+Every file is decoded, by PIL and, where DALI is installed, by DALI's CPU decoder, the one the default backends
+train with (bad ones are listed and left out; the verdicts of the written files go into DATA's image-check cache,
+so training does not decode them again), exact and near duplicates are found before splitting
 (one of each group is kept, so no image and its copy can sit on both sides of a split), and the split is
 stratified by class over *units*: an image alone, or all the images one ``--group-by`` key ties together (frames
 of one video). Only paths, sizes and 32-byte hashes are held in memory, never images.
@@ -22,7 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from common.data import image_files, inspect_image, log_ignored
+from common.data import CheckCache, dali_undecodable, image_files, inspect_image, log_ignored
+from common.data.checks import CACHE_NAME
+from common.data.dali_decode import require_dali
 from common.errors import UserError
 from common.owndata.dedup import HASH_BYTES, UnionFind, duplicate_groups, image_hash
 from common.owndata.progress import Progress
@@ -159,6 +163,27 @@ def inspect_all(items: list[Item], workers: int) -> np.ndarray:
     return hashes
 
 
+def dali_check(items: list[Item], workers: int) -> bool:
+    """Decode the items PIL passed with DALI's CPU decoder too, the one the default backends (dali-cpu, dali-gpu)
+    train with: it refuses a few files PIL reads (16-bit BMP, 32-bit integer TIFF), and a file in DATA that the
+    first epoch cannot read is worth leaving out now. Sets ``reason`` on those; False where DALI is not installed."""
+    try:
+        require_dali()
+    except UserError:
+        log.info("DALI is not installed: images checked with PIL only (a DALI training run checks them with DALI's "
+                 "decoder at start-up)")  # fmt: skip
+        return False
+    good = [item for item in items if item.reason is None]
+    progress = Progress(len(good), "checking with DALI's decoder")
+    bad = dali_undecodable([item.source for item in good], workers, progress=progress.update)
+    progress.close()
+    for item in good:
+        item.reason = bad.get(item.source)
+    log.info("images checked with PIL and with DALI's decoder (the DALI backends'): %d file(s) only DALI refuses",
+             len(bad))  # fmt: skip
+    return True
+
+
 def deduplicate(items: list[Item], hashes: np.ndarray, radius: int) -> tuple[list[int], list[dict], list[dict]]:
     """Indices of the items to keep (good, one per duplicate group), the groups, and cross-class conflicts.
 
@@ -289,6 +314,7 @@ def prepare_own(cfg) -> Prepared:
     log.info("%s: %d image files in %d classes", source, len(items), len({i.label for i in items}))
 
     hashes = inspect_all(items, cfg.workers)
+    dali_checked = dali_check(items, cfg.workers)
     bad |= {item.source: item.reason for item in items if item.reason}
     keep, duplicates, conflicts = deduplicate(items, hashes, cfg.dup_radius)
     log.info("%d bad file(s) left out; %d duplicate group(s): %d copies removed; %d image(s) under several classes "
@@ -313,11 +339,16 @@ def prepare_own(cfg) -> Prepared:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     written = Counter()
+    # Training's start-up check reads verdicts from DATA's cache by (path, size, mtime): record those of every file
+    # written (a hard link shares its source's inode, so its size and mtime; copy2 keeps the mtime).
+    cache = CheckCache(tmp, load=False)
     progress = Progress(len(assigned), "writing")
     rows = []
     for n, (i, split) in enumerate(sorted(assigned.items(), key=lambda kv: items[kv[0]].source), start=1):
         item = items[i]
-        written["links" if _place(item.source, tmp / split / item.label / item.rel) else "copies"] += 1
+        target = tmp / split / item.label / item.rel
+        written["links" if _place(item.source, target) else "copies"] += 1
+        cache.record_decoded(str(target), item.width, item.height, dali_checked)
         rows.append((os.path.join(split, item.label, item.rel), item.source, item.label, split))
         progress.update(n)
     progress.close()
@@ -333,6 +364,7 @@ def prepare_own(cfg) -> Prepared:
     result = Prepared(cfg.dataset, str(source), str(out), classes, counts, dict(sorted(bad.items())), duplicates,
                       conflicts, warnings, settings, dict(written))  # fmt: skip
     write_report(result, tmp)
+    cache.save()
     if out.exists():
         old = out.parent / f".{out.name}.old"
         shutil.rmtree(old, ignore_errors=True)
@@ -343,6 +375,7 @@ def prepare_own(cfg) -> Prepared:
         os.replace(tmp, out)
     for warning in warnings:
         log.warning("%s", warning)
-    log.info("wrote %s (%d hard links, %d copies); report: %s", out, written["links"], written["copies"],
-             out / "report.md")  # fmt: skip
+    log.info("wrote %s (%d hard links, %d copies); report: %s; image verdicts cached in %s (checked with %s)",
+             out, written["links"], written["copies"], out / "report.md", out / CACHE_NAME,
+             "PIL and DALI" if dali_checked else "PIL")  # fmt: skip
     return result
