@@ -321,6 +321,11 @@ class PrepareOwnConfig(PrepareConfig):
     )
     src: str | None = opt(None, "prepare folder: the raw folder, one sub-folder per class")
     csv: str | None = opt(None, "prepare csv: a CSV of path,label rows (a header row is optional)")
+    multi_label: bool = opt(
+        False,
+        "prepare csv: several labels per image (a cell of labels joined by ';', or one row per label); "
+        "writes DATA/<split>/images/ and DATA/<split>/labels.csv for a sigmoid head",
+    )
     root: str | None = opt(None, "prepare csv: the folder the CSV's relative paths start from (default: the CSV's)")
     val_fraction: float = opt(0.2, "share of each class's images for val/")
     test_fraction: float = opt(0.0, "share of each class's images for test/ (0: no test split)")

@@ -19,6 +19,7 @@ import numpy as np
 from common.checkpoint import atomic_write_text
 from common.config import LearningCurveConfig, TrainConfig
 from common.data import CheckCache, ImageList, drop_bad_images, scan_split
+from common.data.folders import LABEL_SEPARATOR, LABELS_CSV
 from common.errors import UserError
 
 log = logging.getLogger("convnets")
@@ -38,31 +39,44 @@ def parse_fractions(text: str) -> list[float]:
     return fractions
 
 
-def stratified_subsets(labels: list[int], fractions: list[float], seed: int) -> list[np.ndarray]:
+def stratified_subsets(labels: list, fractions: list[float], seed: int) -> list[np.ndarray]:
     """Indices of each fraction's subset: ``ceil(fraction x n_c)`` images of every class c (at least one), the
-    first of one fixed per-class permutation, so every subset holds the smaller ones (a curve, not noise)."""
+    first of one fixed per-class permutation, so every subset holds the smaller ones (a curve, not noise).
+    Multi-label rows (0/1 per class) are stratified by their rarest label, so rare labels reach every subset."""
     labels = np.asarray(labels)
+    if labels.ndim == 2:
+        frequency = labels.sum(0)
+        # The least frequent label of each image (-1: none); argmin over counts where the image has the label.
+        labels = np.where(labels.any(1), np.argmin(np.where(labels > 0, frequency, np.inf), axis=1), -1)
     rng = np.random.default_rng(seed)
     orders = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
     return [np.sort(np.concatenate([o[: max(1, math.ceil(f * len(o)))] for o in orders])) for f in fractions]
 
 
-def link_subset(data: Path, files: list[str], classes: list[str], labels: list[int], root: Path) -> dict[str, str]:
-    """``root/train/<class>/`` of symbolic links to ``files`` and ``root/val`` linked to ``data/val``: an
-    ImageFolder tree that costs no copy. Made afresh each time, so a re-run with other fractions is right.
-    Returns ``{link: file}`` for the training files."""
+def link_subset(data: Path, images: ImageList, subset: np.ndarray, root: Path) -> dict[str, str]:
+    """``root/train/<class>/`` of symbolic links to the ``subset`` of ``images`` (multi-label: ``root/train/images/``
+    and its ``labels.csv``) and ``root/val`` linked to ``data/val``: a tree that costs no copy. Made afresh each
+    time, so a re-run with other fractions is right. Returns ``{link: file}`` for the training files."""
+    import csv
     import shutil
 
     if root.exists():
         shutil.rmtree(root)
-    links = {}
-    for k, (path, label) in enumerate(zip(files, labels, strict=True)):
-        folder = root / "train" / classes[label]
+    links, rows = {}, []
+    for k, i in enumerate(subset):
+        path, label = images.files[i], images.labels[i]
+        folder = root / "train" / ("images" if images.multilabel else images.classes[label])
         folder.mkdir(parents=True, exist_ok=True)
         # A running number keeps two files of one name from different sub-folders apart.
         link = folder / f"{k:07d}_{Path(path).name}"
         link.symlink_to(Path(path).resolve())
         links[str(link)] = path
+        if images.multilabel:
+            names = [images.classes[c] for c in np.flatnonzero(label)]
+            rows.append([f"images/{link.name}", LABEL_SEPARATOR.join(names)])
+    if images.multilabel:
+        with open(root / "train" / LABELS_CSV, "w", newline="") as f:
+            csv.writer(f).writerows([["path", "labels"], *rows])
     (root / "val").symlink_to((data / "val").resolve(), target_is_directory=True)
     return links
 
@@ -78,21 +92,21 @@ def share_verdicts(checked: CheckCache, root: Path, links: dict[str, str]) -> No
     subset.save()
 
 
-def verdict(sizes: list[int], top1: list[float]) -> str:
-    """Still rising (more images should help) or flat, from the last two points, as points of top-1 per
-    doubling of the training set."""
+def verdict(sizes: list[int], top1: list[float], metric: str = "top-1") -> str:
+    """Still rising (more images should help) or flat, from the last two points, as points of the metric (top-1,
+    or mAP for multi-label data) per doubling of the training set."""
     doublings = math.log2(sizes[-1] / sizes[-2]) if sizes[-1] > sizes[-2] else 0.0
     gain = top1[-1] - top1[-2]
     per_doubling = gain / doublings if doublings else 0.0
     if per_doubling >= RISING_GAIN_PER_DOUBLING:
         return (f"still rising: the last step ({sizes[-2]} -> {sizes[-1]} images) gained {gain:+.1f} points of "
-                f"top-1 ({per_doubling:+.1f} per doubling); more images should help")  # fmt: skip
-    return (f"flat: the last step ({sizes[-2]} -> {sizes[-1]} images) gained {gain:+.1f} points of top-1 "
+                f"{metric} ({per_doubling:+.1f} per doubling); more images should help")  # fmt: skip
+    return (f"flat: the last step ({sizes[-2]} -> {sizes[-1]} images) gained {gain:+.1f} points of {metric} "
             f"({per_doubling:+.1f} per doubling, under {RISING_GAIN_PER_DOUBLING:g}); more images of the same kind "
             "will not help much: look at the errors, the classes, or the model")  # fmt: skip
 
 
-def write_plot(path: Path, sizes: list[int], top1: list[float], title: str) -> None:
+def write_plot(path: Path, sizes: list[int], top1: list[float], title: str, metric: str = "top-1") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -102,7 +116,7 @@ def write_plot(path: Path, sizes: list[int], top1: list[float], title: str) -> N
     ax.plot(sizes, top1, marker="o")
     ax.set_xscale("log")
     ax.set_xlabel("training images")
-    ax.set_ylabel("validation top-1 (%)")
+    ax.set_ylabel(f"validation {metric} (%)")
     ax.set_title(title, fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
@@ -114,11 +128,11 @@ def write_plot(path: Path, sizes: list[int], top1: list[float], title: str) -> N
     os.replace(tmp, path)
 
 
-def final_metrics(log_path: Path) -> dict:
+def final_metrics(log_path: Path, key: str = "val.top1") -> dict:
     """The last validation metrics a finished run logged."""
     from common.logger import read_log
 
-    finished = [r["data"] for r in read_log(log_path) if "val.top1" in r["data"]]
+    finished = [r["data"] for r in read_log(log_path) if key in r["data"]]
     if not finished:
         raise UserError(f"{log_path}: the run has no validation result; remove {log_path.parent} to train it anew")
     return finished[-1]
@@ -151,6 +165,7 @@ def run_learning_curve(cfg: LearningCurveConfig) -> dict:
     if not (data / "train").is_dir() or not (data / "val").is_dir():
         raise UserError(f"--data {data}: expected an ImageFolder root with train/ and val/")
     images = check_once(data, cfg)
+    key, metric = ("val.map", "mAP") if images.multilabel else ("val.top1", "top-1")
     subsets = stratified_subsets(images.labels, fractions, cfg.seed)
     # Each run's check reads headers only, every one of them already in its cache: it opens no file, leaves out
     # what DATA's check found bad (with --skip-bad-images), and hands the DALI feeder each image's size.
@@ -161,8 +176,7 @@ def run_learning_curve(cfg: LearningCurveConfig) -> dict:
     for fraction, subset in zip(fractions, subsets, strict=True):
         name = f"fraction_{fraction:g}"
         root = out / "subsets" / name
-        links = link_subset(data, [images.files[i] for i in subset], images.classes,
-                            [images.labels[i] for i in subset], root)  # fmt: skip
+        links = link_subset(data, images, subset, root)
         if checked is not None:
             share_verdicts(checked, root, links)
         run_cfg = TrainConfig(**{k: v for k, v in dataclasses.asdict(cfg).items() if k in train_fields})
@@ -175,16 +189,16 @@ def run_learning_curve(cfg: LearningCurveConfig) -> dict:
         run_cfg = dataclasses.replace(run_cfg, data=str(root), output=str(out / name), batch_size=batch,
                                       optimizer_batch_size=None, resume="auto", image_check=image_check)  # fmt: skip
         log.info("learning curve: %s, %d training images", name, len(subset))
-        metrics = train(run_cfg) or final_metrics(out / name / "log.json")
-        rows.append({"fraction": fraction, "train_images": int(len(subset)), "val.top1": metrics["val.top1"],
+        metrics = train(run_cfg) or final_metrics(out / name / "log.json", key)
+        rows.append({"fraction": fraction, "train_images": int(len(subset)), key: metrics[key],
                      "val.loss": metrics["val.loss"]})  # fmt: skip
-    sizes, top1 = [r["train_images"] for r in rows], [r["val.top1"] for r in rows]
-    said = verdict(sizes, top1)
-    table = ["| fraction | training images | val top-1 (%) | val loss |", "| ---: | ---: | ---: | ---: |"]
-    table += [f"| {r['fraction']:g} | {r['train_images']} | {r['val.top1']:.2f} | {r['val.loss']:.4f} |" for r in rows]
+    sizes, scores = [r["train_images"] for r in rows], [r[key] for r in rows]
+    said = verdict(sizes, scores, metric)
+    table = [f"| fraction | training images | val {metric} (%) | val loss |", "| ---: | ---: | ---: | ---: |"]
+    table += [f"| {r['fraction']:g} | {r['train_images']} | {r[key]:.2f} | {r['val.loss']:.4f} |" for r in rows]
     title = f"{cfg.arch}, {cfg.epochs} epochs per point, {data.name}"
     out.mkdir(parents=True, exist_ok=True)
-    write_plot(out / "learning_curve.png", sizes, top1, title)
+    write_plot(out / "learning_curve.png", sizes, scores, title, metric)
     atomic_write_text(out / "learning_curve.md", "\n".join([f"# Learning curve: {title}", "", *table, "",
                                                             f"**Verdict**: {said}.", "",
                                                             "![learning curve](learning_curve.png)", ""]))  # fmt: skip

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -183,3 +184,70 @@ def test_multilabel_refuses_single_label_options(multilabel_data, tmp_path):
         train(config.resolve(config.TrainConfig, cli | {"positive_class": "red"}))
     with pytest.raises(UserError, match="--num-classes 5: multi-label data has 3 labels"):
         train(config.resolve(config.TrainConfig, cli | {"num_classes": 5}))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# prepare csv --multi-label
+
+
+def test_prepare_csv_multi_label_writes_labels_csv_splits_that_train_reads(tmp_path):
+    from PIL import Image
+
+    from common.owndata.dataset import prepare_own
+
+    pytest.importorskip("imagehash")
+    source = make_multilabel(tmp_path / "raw", n_train=60, n_val=0, seed=3) / "train"
+    with open(source / "labels.csv") as f:
+        given = {r["path"]: set(filter(None, r["labels"].split(";"))) for r in csv.DictReader(f)}
+    # Exported as many tools do: one row per (image, label); an image without labels has a row of its own.
+    rows = [("path", "label")] + [(p, label) for p, labels in given.items() for label in sorted(labels) or [""]]
+    Image.open(source / "images" / "000.png").save(source / "images" / "000_copy.bmp")  # same pixels, other bytes
+    rows += [("images/000_copy.bmp", label) for label in sorted(given["images/000.png"]) or [""]]
+    with open(tmp_path / "rows.csv", "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    cli = {"dataset": "csv", "csv": str(tmp_path / "rows.csv"), "root": str(source), "out": str(tmp_path / "data"),
+           "multi_label": True, "val_fraction": 0.3, "workers": 1}  # fmt: skip
+    result = prepare_own(config.resolve(config.PrepareOwnConfig, cli))
+    assert result.classes == sorted(LABELS)
+    assert [len(d["removed"]) for d in result.duplicates] == [1]  # the copy in another format
+    train, val = scan_split(tmp_path / "data" / "train"), scan_split(tmp_path / "data" / "val", LABELS)
+    assert train.multilabel and val.multilabel and len(train) + len(val) == 60
+    kept = {Path(p).name for p in train.files + val.files}
+    assert len(kept & {"000.png", "000_copy.bmp"}) == 1
+    for images in (train, val):  # every label in both splits, and each image's labels as the rows said
+        assert all(n > 0 for n in images.class_counts())
+        for path, row in zip(images.files, images.labels, strict=True):
+            name = "images/" + Path(path).name.replace("000_copy.bmp", "000.png")
+            assert {images.classes[i] for i in np.flatnonzero(row)} == given[name]
+    assert sum(result.counts["train"].values()) == int(np.stack(train.labels).sum())
+
+
+def test_prepare_single_label_csv_points_to_multi_label(tmp_path):
+    from common.owndata.dataset import list_csv
+
+    (tmp_path / "a.png").write_bytes(b"")
+    (tmp_path / "rows.csv").write_text("path,label\na.png,red\na.png,blue\n")
+    _, bad = list_csv(tmp_path / "rows.csv", tmp_path)
+    assert "with another label (several labels per image: --multi-label)" in bad[f"{tmp_path / 'rows.csv'}:3"]
+    items, bad = list_csv(tmp_path / "rows.csv", tmp_path, multi_label=True)
+    assert not bad and [i.label for i in items] == ["blue;red"]
+
+
+def test_learning_curve_on_multi_label_data_plots_map(multilabel_data, tmp_path, one_torch_thread):
+    from common.learning_curve import run_learning_curve, stratified_subsets
+
+    rows = np.array([[1, 0, 0], [1, 0, 0], [1, 0, 1], [1, 0, 0], [0, 0, 0], [1, 1, 0], [1, 0, 0], [1, 0, 0]])
+    small, whole = stratified_subsets(rows, [0.1, 1.0], seed=0)
+    # Strata by rarest label: {2}, {5} (green, blue: one image each), {4} (no label), the red rest. Each
+    # stratum gives at least one image, so the rare labels are in the smallest subset.
+    assert {2, 4, 5} <= set(small) and len(small) == 4 and list(whole) == list(range(8))
+
+    cli = {"data": str(multilabel_data), "output": str(tmp_path), "arch": "resnet18", "image_size": 32,
+           "batch_size": 16, "workers": 0, "data_backend": "pytorch", "epochs": 1, "max_steps_per_epoch": 2,
+           "lr": 0.1, "warmup_epochs": 0.0, "image_check": "full", "fractions": "0.5,1.0"}  # fmt: skip
+    result = run_learning_curve(config.resolve(config.LearningCurveConfig, cli))
+    assert [r["train_images"] for r in result["rows"]][-1] == 96
+    assert all("val.map" in r for r in result["rows"]) and "points of mAP" in result["verdict"]
+    half = scan_split(tmp_path / "subsets" / "fraction_0.5" / "train")
+    assert half.multilabel and len(half) == result["rows"][0]["train_images"]
+    assert "val mAP (%)" in (tmp_path / "learning_curve.md").read_text()

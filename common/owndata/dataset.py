@@ -27,6 +27,7 @@ import numpy as np
 from common.data import CheckCache, dali_undecodable, image_files, inspect_image, log_ignored
 from common.data.checks import CACHE_NAME
 from common.data.dali_decode import require_dali
+from common.data.folders import LABEL_SEPARATOR, LABELS_CSV
 from common.errors import UserError
 from common.owndata.dedup import HASH_BYTES, UnionFind, duplicate_groups, image_hash
 from common.owndata.progress import Progress
@@ -87,33 +88,49 @@ def list_folder(src: Path) -> list[Item]:
     return items
 
 
-def list_csv(csv_path: Path, root: Path | None) -> tuple[list[Item], dict[str, str]]:
-    """Rows ``path,label`` (a header row ``path,label`` is optional); paths are relative to ``root`` or absolute.
+def list_csv(csv_path: Path, root: Path | None, multi_label: bool = False) -> tuple[list[Item], dict[str, str]]:
+    """Rows ``path,label`` (a header row ``path,label`` or ``path,labels`` is optional); paths are relative to
+    ``root`` or absolute.
 
+    With ``multi_label`` a cell may hold several labels joined by ``;`` (or none: an image of no class), and
+    rows repeating a path add their labels to it; an item's ``label`` is then its sorted labels joined by ``;``.
     Returns the items and ``{row: why}`` for rows that cannot be used (missing file, empty label, repeated path).
     """
     if not csv_path.is_file():
         raise UserError(f"--csv {csv_path} does not exist")
     root = root or csv_path.parent
-    items, bad, seen = [], {}, {}
+    items, bad, seen, rows_of = [], {}, {}, {}
     with open(csv_path, newline="") as f:
         for n, row in enumerate(csv.reader(f), start=1):
             if not row or all(not c.strip() for c in row):
                 continue
-            if n == 1 and [c.strip().lower() for c in row[:2]] == ["path", "label"]:
+            if n == 1 and [c.strip().lower() for c in row[:2]] in (["path", "label"], ["path", "labels"]):
                 continue
-            if len(row) < 2 or not row[0].strip() or not row[1].strip():
+            if len(row) < 2 and multi_label and row[0].strip():
+                row = [row[0], ""]  # an image with none of the labels
+            if len(row) < 2 or not row[0].strip() or (not row[1].strip() and not multi_label):
                 bad[f"{csv_path}:{n}"] = f"expected 'path,label', got {','.join(row)!r}"
                 continue
             rel, label = row[0].strip(), row[1].strip()
             path = os.path.normpath(os.path.join(root, rel))
+            labels = sorted({x.strip() for x in label.split(LABEL_SEPARATOR) if x.strip()}) if multi_label else [label]
+            odd = [x for x in labels if "/" in x or x.startswith(".")]
+            if odd:
+                bad[f"{csv_path}:{n}"] = f"label {odd[0]!r} cannot be a folder name"
+                continue
+            if path in seen and multi_label:
+                # One row per (image, label), as many tools export them: the labels add up.
+                item = items[seen[path]]
+                merged = set(filter(None, item.label.split(LABEL_SEPARATOR))) | set(labels)
+                item.label = LABEL_SEPARATOR.join(sorted(merged))
+                continue
             if path in seen:
-                bad[f"{csv_path}:{n}"] = f"{rel} is listed again (first on row {seen[path]})"
+                first = items[seen[path]]
+                hint = "" if first.label == label else " with another label (several labels per image: --multi-label)"
+                bad[f"{csv_path}:{n}"] = f"{rel} is listed again{hint} (first on row {rows_of[path]})"
                 continue
-            seen[path] = n
-            if "/" in label or label.startswith("."):
-                bad[f"{csv_path}:{n}"] = f"label {label!r} cannot be a folder name"
-                continue
+            seen[path], rows_of[path] = len(items), n
+            label = LABEL_SEPARATOR.join(labels)
             # Keep the path's folders below the class folder: two rows naming a/1.jpg and b/1.jpg stay apart.
             items.append(Item(path, label, os.path.relpath(path, root) if not os.path.isabs(rel) else rel.lstrip("/")))
     if not items and not bad:
@@ -207,6 +224,19 @@ def deduplicate(items: list[Item], hashes: np.ndarray, radius: int) -> tuple[lis
     return [i for i in good if i not in drop], duplicates, conflicts
 
 
+def labels_of(item: Item) -> list[str]:
+    """An item's labels: its class, or for multi-label items the labels joined in ``label`` (maybe none)."""
+    return [x for x in item.label.split(LABEL_SEPARATOR) if x]
+
+
+def rarest_label(items: list[Item]):
+    """The stratum of a multi-label item: its least frequent label, so that each rare label is dealt to every
+    split in proportion (the usual simplification of iterative stratification); images without labels form
+    their own stratum."""
+    frequency = Counter(label for item in items for label in labels_of(item))
+    return lambda item: min(labels_of(item), key=lambda x: (frequency[x], x), default="(no label)")
+
+
 def split_units(items: list[Item], keep: list[int], group_by: str | None) -> list[list[int]]:
     """The kept items gathered into units that must stay on one side of the split (``--group-by`` keys)."""
     uf = UnionFind(len(keep))
@@ -225,14 +255,15 @@ def split_units(items: list[Item], keep: list[int], group_by: str | None) -> lis
 
 
 def assign_splits(items: list[Item], units: list[list[int]], fractions: dict[str, float], seed: int,
-                  warnings: list[str]) -> dict[int, str]:  # fmt: skip
+                  warnings: list[str], stratum=None) -> dict[int, str]:  # fmt: skip
     """``{item index: split}``, stratified by class: each class's units are shuffled (by seed and class name, so a
     class's split does not change when another class is added) and dealt to val, then test, until each holds its
     fraction of the class's images; train gets the rest. A class with too few units for every split keeps train
-    first, and says so."""
+    first, and says so. ``stratum`` (item -> key) replaces the class as the key, for multi-label items."""
+    stratum = stratum or (lambda item: item.label)
     by_class: dict[str, list[list[int]]] = {}
     for unit in units:
-        label = Counter(items[i].label for i in unit).most_common(1)[0][0]  # a unit spanning classes: its majority
+        label = Counter(stratum(items[i]) for i in unit).most_common(1)[0][0]  # a unit spanning keys: its majority
         by_class.setdefault(label, []).append(unit)
     wanted = [s for s in ("val", "test") if fractions[s] > 0]
     out: dict[int, str] = {}
@@ -299,6 +330,9 @@ def prepare_own(cfg) -> Prepared:
     out = Path(cfg.out)
     check_out(out, cfg.overwrite)
     bad: dict[str, str] = {}
+    multi = cfg.dataset == "csv" and cfg.multi_label
+    if cfg.multi_label and not multi:
+        raise UserError("--multi-label is for prepare csv (a folder gives each image the one class of its folder)")
     if cfg.dataset == "folder":
         if cfg.src is None:
             raise UserError("prepare folder needs --src RAW (one sub-folder per class)")
@@ -308,10 +342,10 @@ def prepare_own(cfg) -> Prepared:
         if cfg.csv is None:
             raise UserError("prepare csv needs --csv FILE (rows: path,label)")
         source = cfg.csv
-        items, bad = list_csv(Path(cfg.csv), Path(cfg.root) if cfg.root else None)
+        items, bad = list_csv(Path(cfg.csv), Path(cfg.root) if cfg.root else None, cfg.multi_label)
     if Path(source).resolve() == out.resolve() or out.resolve() in Path(source).resolve().parents:
         raise UserError(f"--out {out} must not be the source folder or inside it")
-    log.info("%s: %d image files in %d classes", source, len(items), len({i.label for i in items}))
+    log.info("%s: %d image files in %d classes", source, len(items), len({c for i in items for c in labels_of(i)}))
 
     hashes = inspect_all(items, cfg.workers)
     dali_checked = dali_check(items, cfg.workers)
@@ -323,12 +357,14 @@ def prepare_own(cfg) -> Prepared:
     warnings: list[str] = []
     units = split_units(items, keep, cfg.group_by)
     fractions = {"val": cfg.val_fraction, "test": cfg.test_fraction}
-    assigned = assign_splits(items, units, fractions, cfg.seed, warnings)
-    classes = sorted({items[i].label for i in keep})
+    assigned = assign_splits(items, units, fractions, cfg.seed, warnings, rarest_label([items[i] for i in keep])
+                             if multi else None)  # fmt: skip
+    classes = sorted({c for i in keep for c in labels_of(items[i])})
     splits = ["train"] + [s for s in ("val", "test") if fractions[s] > 0]
     counts = {s: dict.fromkeys(classes, 0) for s in splits}
     for i, split in assigned.items():
-        counts[split][items[i].label] += 1
+        for label in labels_of(items[i]):
+            counts[split][label] += 1
     for label in classes:
         n = sum(counts[s][label] for s in splits)
         if n < cfg.min_per_class:
@@ -346,21 +382,30 @@ def prepare_own(cfg) -> Prepared:
     rows = []
     for n, (i, split) in enumerate(sorted(assigned.items(), key=lambda kv: items[kv[0]].source), start=1):
         item = items[i]
-        target = tmp / split / item.label / item.rel
+        # Multi-label: every image below <split>/images/, its labels in <split>/labels.csv.
+        rel = os.path.join("images" if multi else item.label, item.rel)
+        target = tmp / split / rel
         written["links" if _place(item.source, target) else "copies"] += 1
         cache.record_decoded(str(target), item.width, item.height, dali_checked)
-        rows.append((os.path.join(split, item.label, item.rel), item.source, item.label, split))
+        rows.append((os.path.join(split, rel), item.source, item.label, split))
         progress.update(n)
     progress.close()
-    for split in splits:  # a class absent from a split still gets its (empty) folder: scan_split lists classes
-        for label in classes:
-            (tmp / split / label).mkdir(parents=True, exist_ok=True)
+    if multi:
+        for split in splits:
+            with open(tmp / split / LABELS_CSV, "w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(["path", "labels"])
+                writer.writerows((os.path.relpath(path, split), label) for path, _, label, s in rows if s == split)
+    else:
+        for split in splits:  # a class absent from a split still gets its (empty) folder: scan_split lists classes
+            for label in classes:
+                (tmp / split / label).mkdir(parents=True, exist_ok=True)
     with open(tmp / "splits.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["path", "source", "label", "split"])
         writer.writerows(rows)
     settings = {k: getattr(cfg, k) for k in ("dataset", "src", "csv", "root", "val_fraction", "test_fraction", "seed",
-                                             "group_by", "dup_radius", "min_per_class")}  # fmt: skip
+                                             "group_by", "dup_radius", "min_per_class", "multi_label")}  # fmt: skip
     result = Prepared(cfg.dataset, str(source), str(out), classes, counts, dict(sorted(bad.items())), duplicates,
                       conflicts, warnings, settings, dict(written))  # fmt: skip
     write_report(result, tmp)

@@ -141,6 +141,9 @@ def organize_shard(cfg, device: torch.device, rank: int = 0, world: int = 1) -> 
     out = Path(cfg.organize)
     out.mkdir(parents=True, exist_ok=True)
     trained = load_trained(cfg.checkpoint, device)
+    if trained.multilabel:
+        raise UserError(f"{cfg.checkpoint} is a multi-label model: --organize sorts each image into the one folder of "
+                        "its class; use predict --csv for each image's labels")  # fmt: skip
     doubt = "uncertain" if "uncertain" not in trained.classes else "_uncertain"
     files, base = list_collection(cfg.paths)
     inside = os.path.abspath(out) + os.sep
