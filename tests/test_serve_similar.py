@@ -22,6 +22,7 @@ from tests.test_organize import write_tiny_checkpoint
 
 pytest.importorskip("fastapi", reason="needs the serve extra: pip install -e '.[serve]'")
 pytest.importorskip("faiss", reason="needs the owndata extra: pip install -e '.[owndata]'")
+pytest.importorskip("httpx2", reason="fastapi's TestClient needs httpx2 (the serve extra)")
 from fastapi.testclient import TestClient  # noqa: E402 - after the skips
 
 from common.owndata.embed import run_embed  # noqa: E402
