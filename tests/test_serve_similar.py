@@ -10,6 +10,7 @@ import json
 import shutil
 import struct
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -193,3 +194,52 @@ def test_an_index_of_another_network_refuses_to_start(indexed, tmp_path, change,
 def test_index_needs_a_checkpoint_not_an_export():
     with pytest.raises(UserError, match="--index needs --checkpoint"):
         ServeConfig(model_dir="exports/r18", index="INDEX").check()
+
+
+def test_serve_parses_index():
+    from common.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--checkpoint", "best.pt", "--index", "INDEX"])
+    assert args.index == "INDEX"
+
+
+def test_page_lists_the_nearest_file_names_in_a_browser(indexed):
+    """The page with an index: after an upload, the 5 nearest indexed files, the image itself first."""
+    import socket
+
+    import uvicorn
+
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        pytest.skip("no chromium on PATH (apt-get install chromium); Playwright is not allowed to download one")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright (the serve extra)")
+    checkpoint, index = indexed
+    paths = (index / "paths.txt").read_text().splitlines()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(serve_config(checkpoint, index)), port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not server.started and thread.is_alive() and time.time() < deadline:
+        time.sleep(0.05)
+    assert server.started, "uvicorn did not start"
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=exe, args=["--no-sandbox"])
+            try:
+                page = browser.new_page()
+                page.goto(f"http://127.0.0.1:{port}/")
+                page.set_input_files("#file", paths[3])
+                page.wait_for_selector("#similar li", timeout=30_000)
+                listed = page.eval_on_selector_all("#similar li", "items => items.map(i => i.dataset.path)")
+                first = page.locator("#similar li").first.text_content()
+                error = page.locator("#error").text_content()
+            finally:
+                browser.close()
+    finally:
+        server.should_exit = True
+        thread.join(30)
+    assert error == "" and len(listed) == 5 and listed[0] == paths[3]
+    assert first.startswith("3.png") and "1.000" in first
