@@ -47,10 +47,10 @@ class SimilarIndex:
         """For each row of ``vectors``, its ``k`` nearest indexed images, best first: path, cosine similarity
         (``score``, as ``convnets similar`` prints it) and cosine distance (``1 - score``)."""
         scores, ids = self.index.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
-        # HNSW may find fewer than k and pads with id -1.
+        # HNSW may find fewer than k and pads with id -1; float32 rounding can put a score a hair above 1.
         return [
             [
-                {"path": self.paths[i], "score": float(s), "distance": 1.0 - float(s)}
+                {"path": self.paths[i], "score": float(s), "distance": max(0.0, 1.0 - float(s))}
                 for s, i in zip(row_s, row_i, strict=True)
                 if i >= 0
             ]
