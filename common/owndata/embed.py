@@ -8,11 +8,13 @@ cosine similarity. Up to ``EXACT_UP_TO`` vectors the index is exact (``IndexFlat
 are measured by ``benchmarks/similar_bench.py``.
 
 An index folder holds ``index.faiss``, ``paths.txt`` (row i of the index is line i), ``embeddings.npy`` and
-``meta.json`` (checkpoint, model, dimension, index type, the files that could not be read).
+``meta.json`` (checkpoint and its sha256, model, eval image and resize size, dimension, index type, the files that
+could not be read): ``convnets serve --index`` refuses an index whose model differs from the one it serves.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -45,9 +47,30 @@ def embedding_model(trained) -> torch.nn.Module:
 
 
 def embed_images(model, normalize, images: torch.Tensor, device) -> np.ndarray:
+    """L2-normalised embeddings of a uint8 NCHW batch (``eval_transform``'s output)."""
+    return embed_normalized(model, normalize(images.to(device)))
+
+
+def embed_normalized(model, batch: torch.Tensor) -> np.ndarray:
+    """L2-normalised embeddings of a batch already normalised and on the model's device (the server's input)."""
     with torch.no_grad():
-        vectors = model(normalize(images.to(device))).float().flatten(1)
+        vectors = model(batch).float().flatten(1)
     return torch.nn.functional.normalize(vectors, dim=1).cpu().numpy()
+
+
+def checkpoint_sha256(path: str) -> str:
+    """The file's sha256: what ties an index to the exact weights it was built with (a path can be overwritten)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def model_record(trained) -> dict:
+    """What meta.json records of the embedding network: a query must be embedded by the same one."""
+    return {"arch": trained.config["arch"], "image_size": trained.pipeline.image_size,
+            "resize_size": trained.pipeline.resize_size}  # fmt: skip
 
 
 def build_index(vectors: np.ndarray, kind: str):
@@ -87,7 +110,7 @@ def run_embed(cfg) -> int:
     runtime = dist.init_distributed(cfg.device)
     try:
         dist.barrier()  # every rank has checked --out before any writes its part there
-        paths, vectors, bad, arch = embed_shard(cfg, runtime.device, runtime.rank, runtime.world_size)
+        paths, vectors, bad, model = embed_shard(cfg, runtime.device, runtime.rank, runtime.world_size)
         out.mkdir(parents=True, exist_ok=True)
         if runtime.world_size > 1:
             np.save(out / f".part-rank{runtime.rank}.npy", vectors)
@@ -96,15 +119,16 @@ def run_embed(cfg) -> int:
             if runtime.is_main:
                 paths, vectors, bad = join_parts(out, runtime.world_size)
         if runtime.is_main:
-            write_index(out, paths, vectors, bad, cfg, arch)
+            write_index(out, paths, vectors, bad, cfg, model)
         bad_count = sum(dist.all_gather_object(len(bad)))
     finally:
         dist.cleanup()
     return 1 if bad_count else 0
 
 
-def embed_shard(cfg, device, rank: int = 0, world: int = 1) -> tuple[list[str], np.ndarray, dict[str, str], str]:
-    """``(paths, L2-normalised embeddings, {path: why unreadable}, arch)`` of this rank's share of the files."""
+def embed_shard(cfg, device, rank: int = 0, world: int = 1) -> tuple[list[str], np.ndarray, dict[str, str], dict]:
+    """``(paths, L2-normalised embeddings, {path: why unreadable}, model_record)`` of this rank's share of the
+    files."""
     from common.data import eval_shard
     from common.inference import load_trained
 
@@ -124,7 +148,7 @@ def embed_shard(cfg, device, rank: int = 0, world: int = 1) -> tuple[list[str], 
         progress.update(done)
     progress.close()
     dim = parts[0].shape[1] if parts else 0
-    return paths, np.concatenate(parts) if parts else np.zeros((0, dim), np.float32), bad, trained.config["arch"]
+    return paths, np.concatenate(parts) if parts else np.zeros((0, dim), np.float32), bad, model_record(trained)
 
 
 def join_parts(out: Path, world: int) -> tuple[list[str], np.ndarray, dict[str, str]]:
@@ -145,7 +169,7 @@ def join_parts(out: Path, world: int) -> tuple[list[str], np.ndarray, dict[str, 
     return [paths[i] for i in order], joined, dict(sorted(bad.items()))
 
 
-def write_index(out: Path, paths: list[str], vectors: np.ndarray, bad: dict[str, str], cfg, arch: str) -> None:
+def write_index(out: Path, paths: list[str], vectors: np.ndarray, bad: dict[str, str], cfg, model: dict) -> None:
     import faiss
 
     if not paths:
@@ -158,16 +182,17 @@ def write_index(out: Path, paths: list[str], vectors: np.ndarray, bad: dict[str,
         np.save(f, vectors)
     os.replace(out / ".embeddings.npy.tmp", out / "embeddings.npy")
     atomic_write_text(out / "paths.txt", "".join(p + "\n" for p in paths))
-    meta = {"checkpoint": os.path.abspath(cfg.checkpoint), "arch": arch, "dim": vectors.shape[1],
-            "count": len(paths), "index": kind, "bad": bad}  # fmt: skip
+    meta = {"checkpoint": os.path.abspath(cfg.checkpoint), "checkpoint_sha256": checkpoint_sha256(cfg.checkpoint),
+            **model, "dim": vectors.shape[1], "count": len(paths), "index": kind, "bad": bad}  # fmt: skip
     atomic_write_text(out / "meta.json", json.dumps(meta, indent=2))  # last: its presence marks a complete index
     for path, why in bad.items():
         log.warning("left out %s: %s", path, why)
-    log.info("%s: %d images, %d-dimensional embeddings of %s, %s index", out, len(paths), vectors.shape[1], arch,
-             kind)  # fmt: skip
+    log.info("%s: %d images, %d-dimensional embeddings of %s, %s index", out, len(paths), vectors.shape[1],
+             model["arch"], kind)  # fmt: skip
 
 
 def load_index(folder: Path):
+    """``(faiss index, paths, meta)`` of an index folder written by ``convnets embed``."""
     import faiss
 
     meta_path = folder / "meta.json"

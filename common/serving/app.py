@@ -1,5 +1,6 @@
 """The KServe v2 HTTP server: FastAPI routes over a runtime, a dynamic batcher, an image-decoding thread pool
-and Prometheus metrics; ``serve`` runs it under uvicorn (whose SIGTERM handling drains requests in flight)."""
+and Prometheus metrics; ``serve`` runs it under uvicorn (whose SIGTERM handling drains requests in flight). With
+``--index`` it also answers similar-image requests from an index written by ``convnets embed``."""
 
 from __future__ import annotations
 
@@ -21,7 +22,16 @@ from common.serving.batcher import DynamicBatcher
 from common.serving.config import ServeConfig
 from common.serving.metrics import ServerMetrics
 from common.serving.model import ImageDecoder, load_runtime
-from common.serving.protocol import IMAGE_INPUT, OUTPUTS, PROBABILITIES, ProtocolError, build_response, parse_infer
+from common.serving.protocol import (
+    IMAGE_INPUT,
+    OUTPUTS,
+    PROBABILITIES,
+    InferRequest,
+    ProtocolError,
+    build_response,
+    parse_infer,
+)
+from common.serving.similar import DEFAULT_K, load_similar, parse_k
 
 log = logging.getLogger("convnets")
 
@@ -61,18 +71,41 @@ def create_app(cfg: ServeConfig, runtime=None) -> FastAPI:
 
     batcher = DynamicBatcher(runtime, cfg.max_batch_size, cfg.max_queue_delay_ms / 1000, on_batch)
 
+    # Loaded here, not in the lifespan: an index built by another network stops the start with its reason.
+    similar = load_similar(cfg.index, cfg.checkpoint, meta, cfg.device) if cfg.index else None
+
+    def on_similar_batch(size: int, queue_times: list[float]) -> None:
+        metrics.similar_batch_size.labels(name).observe(size)
+        for t in queue_times:
+            metrics.similar_queue_time.labels(name).observe(t)
+
+    # The embedding network is a model of its own (the head cut off), so it gets a batcher of its own, with the
+    # same limits: concurrent queries share a forward pass as inference requests do, in a second model thread.
+    embed_batcher = (
+        DynamicBatcher(similar.embed, cfg.max_batch_size, cfg.max_queue_delay_ms / 1000, on_similar_batch)
+        if similar
+        else None
+    )
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         runtime(np.zeros((1, 3, meta.image_size, meta.image_size), np.float32))  # warm up before reporting ready
         batcher.start()
+        if embed_batcher:
+            embed_batcher.start()
         app.state.ready = True
         log.info("serving model %r (%s, %s, %d classes, input 3x%dx%d) at http://%s:%d/  batch <= %d, delay %g ms",
                  name, meta.arch, runtime.name, len(meta.classes), meta.image_size, meta.image_size, cfg.host,
                  cfg.port, cfg.max_batch_size, cfg.max_queue_delay_ms)  # fmt: skip
+        if similar:
+            log.info("similar-image search on: %d images of %s (%s index) at POST /v2/models/%s/similar?k=K",
+                     len(similar), similar.folder, similar.meta.get("index"), name)  # fmt: skip
         yield
         # uvicorn calls this after the requests in flight have been answered (graceful shutdown on SIGTERM).
         app.state.ready = False
         await batcher.stop()
+        if embed_batcher:
+            await embed_batcher.stop()
         decode_pool.shutdown(wait=True)
         log.info("server stopped")
 
@@ -125,6 +158,9 @@ def create_app(cfg: ServeConfig, runtime=None) -> FastAPI:
                 "classes": meta.classes,
                 "preprocessing": {"resize": meta.resize_size, "crop": s, "mean": meta.mean, "std": meta.std},
                 "max_batch_size": cfg.max_batch_size,
+                "similar": {"enabled": True, "route": f"/v2/models/{name}/similar?k=K", **similar.describe()}
+                if similar
+                else {"enabled": False},
             },
         }
 
@@ -134,6 +170,27 @@ def create_app(cfg: ServeConfig, runtime=None) -> FastAPI:
         check_model(model)
         return JSONResponse({"name": name, "ready": app.state.ready}, status_code=200 if app.state.ready else 503)
 
+    async def read_request(request: Request) -> InferRequest:
+        body = await _read_body(request, body_limit)
+        return parse_infer(body, request.headers.get("inference-header-content-length"), meta.image_size,
+                           len(meta.classes), cfg.top_k)  # fmt: skip
+
+    async def model_input(parsed: InferRequest) -> np.ndarray:
+        """The normalised batch of a request: its tensor, or its images decoded in the thread pool."""
+        if parsed.kind != "images":
+            return parsed.tensor
+        loop = asyncio.get_running_loop()
+        decoded = await asyncio.gather(
+            *(loop.run_in_executor(decode_pool, decoder, b) for b in parsed.images), return_exceptions=True
+        )
+        for i, d in enumerate(decoded):
+            if isinstance(d, ValueError):
+                where = f"image {i}: " if len(decoded) > 1 else ""
+                raise ProtocolError(f"input 'image': {where}{d}")
+            if isinstance(d, BaseException):
+                raise d
+        return np.stack(decoded)
+
     @app.post("/v2/models/{model}/infer")
     @app.post("/v2/models/{model}/versions/{version}/infer")
     async def infer(model: str, request: Request, version: str = "1"):
@@ -142,24 +199,8 @@ def create_app(cfg: ServeConfig, runtime=None) -> FastAPI:
         metrics.requests.labels(label).inc()
         try:
             check_model(model)
-            body = await _read_body(request, body_limit)
-            parsed = parse_infer(body, request.headers.get("inference-header-content-length"), meta.image_size,
-                                 len(meta.classes), cfg.top_k)  # fmt: skip
-            if parsed.kind == "images":
-                loop = asyncio.get_running_loop()
-                decoded = await asyncio.gather(
-                    *(loop.run_in_executor(decode_pool, decoder, b) for b in parsed.images), return_exceptions=True
-                )
-                for i, d in enumerate(decoded):
-                    if isinstance(d, ValueError):
-                        where = f"image {i}: " if len(decoded) > 1 else ""
-                        raise ProtocolError(f"input 'image': {where}{d}")
-                    if isinstance(d, BaseException):
-                        raise d
-                batch = np.stack(decoded)
-            else:
-                batch = parsed.tensor
-            probs = await batcher.submit(batch)
+            parsed = await read_request(request)
+            probs = await batcher.submit(await model_input(parsed))
             content, header_length = build_response(name, parsed, probs, meta.classes)
         except ProtocolError as e:
             metrics.failures.labels(label, str(e.status)).inc()
@@ -174,13 +215,45 @@ def create_app(cfg: ServeConfig, runtime=None) -> FastAPI:
         headers = {"Inference-Header-Content-Length": str(header_length)}
         return Response(content, media_type="application/octet-stream", headers=headers)
 
+    @app.post("/v2/models/{model}/similar")
+    @app.post("/v2/models/{model}/versions/{version}/similar")
+    async def similar_images(model: str, request: Request, version: str = "1"):
+        """The ``k`` indexed images nearest to each input image (the same body as ``infer``), best first."""
+        started = time.perf_counter()
+        label = name if model == name else "(unknown)"
+        metrics.similar_requests.labels(label).inc()
+        try:
+            check_model(model)
+            if similar is None:
+                raise ProtocolError("this server has no similar-image index: start it with --index INDEX (a folder "
+                                    "written by `convnets embed` with the served checkpoint)", 404)  # fmt: skip
+            k = parse_k(request.query_params.get("k"), DEFAULT_K, len(similar))
+            parsed = await read_request(request)
+            vectors = await embed_batcher.submit(await model_input(parsed))
+            # faiss releases the GIL while it searches: off the event loop, in the decoding threads.
+            hits = await asyncio.get_running_loop().run_in_executor(decode_pool, similar.search, vectors, k)
+        except ProtocolError as e:
+            metrics.similar_failures.labels(label, str(e.status)).inc()
+            return _error(str(e), e.status)
+        except Exception:
+            metrics.similar_failures.labels(label, "500").inc()
+            log.exception("similar-image search failed")
+            return _error("internal error while searching similar images (see the server log)", 500)
+        metrics.similar_latency.labels(name).observe(time.perf_counter() - started)
+        answer = {"model_name": name, "model_version": "1", "k": k, "results": hits}
+        if parsed.id is not None:
+            answer["id"] = parsed.id
+        return JSONResponse(answer)
+
     @app.get("/metrics")
     async def prometheus():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     page = resources.files("common.serving").joinpath("page.html").read_text()
-    page = page.replace("{{MODEL}}", html.escape(name)).replace(
-        "{{TITLE}}", html.escape(f"{name} ({meta.arch}, {len(meta.classes)} classes)")
+    page = (
+        page.replace("{{MODEL}}", html.escape(name))
+        .replace("{{TITLE}}", html.escape(f"{name} ({meta.arch}, {len(meta.classes)} classes)"))
+        .replace("{{SIMILAR}}", "true" if similar else "false")
     )
 
     @app.get("/", response_class=HTMLResponse)

@@ -49,10 +49,15 @@ class ServeConfig:
     max_image_pixels: int = opt(40_000_000, "largest decoded image (width x height); larger ones get 400")
     workers: int = opt(2, "threads decoding and preprocessing image bytes (kept off the event loop)")
     top_k: int = opt(5, "class names and scores returned per image unless a request asks otherwise")
+    index: str | None = opt(None, "an index folder written by `convnets embed` with this checkpoint: the server then "
+                            "also answers POST /v2/models/NAME/similar?k=K")  # fmt: skip
 
     def check(self) -> ServeConfig:
         if bool(self.checkpoint) == bool(self.model_dir):
             raise UserError("serve needs exactly one of --checkpoint FILE or --model-dir DIR")
+        if self.index and not self.checkpoint:
+            # An export ends in probabilities: the penultimate layer a query must be embedded with is not in it.
+            raise UserError("serve --index needs --checkpoint FILE (the one the index was built with), not --model-dir")
         for name, low in (("max_batch_size", 1), ("workers", 1), ("top_k", 1), ("max_image_pixels", 1), ("port", 0)):
             if getattr(self, name) < low:
                 raise UserError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")

@@ -21,3 +21,16 @@ class ServerMetrics:
         sizes = sorted({2**i for i in range(max_batch_size.bit_length())} | {max_batch_size})
         self.batch_size = Histogram("convnets_batch_size", "rows per forward pass of the dynamic batcher",
                                     ["model"], buckets=sizes, registry=self.registry)  # fmt: skip
+        # Similar-image search (serve --index): the same measures, apart, so that the infer ones keep their meaning.
+        self.similar_requests = Counter("convnets_similar_requests", "similar-image requests received", ["model"],
+                                        registry=self.registry)  # fmt: skip
+        self.similar_failures = Counter("convnets_similar_failures", "similar-image requests answered with an error",
+                                        ["model", "code"], registry=self.registry)  # fmt: skip
+        self.similar_latency = Histogram("convnets_similar_latency_seconds", "similar-image request latency, body "
+                                         "read to response (embedding and index search)", ["model"],
+                                         buckets=LATENCY_BUCKETS, registry=self.registry)  # fmt: skip
+        self.similar_queue_time = Histogram("convnets_similar_queue_time_seconds", "time a similar-image request "
+                                            "waited for its embedding batch to start", ["model"],
+                                            buckets=LATENCY_BUCKETS, registry=self.registry)  # fmt: skip
+        self.similar_batch_size = Histogram("convnets_similar_batch_size", "rows per forward pass of the embedding "
+                                            "batcher", ["model"], buckets=sizes, registry=self.registry)  # fmt: skip
