@@ -251,3 +251,32 @@ def test_learning_curve_on_multi_label_data_plots_map(multilabel_data, tmp_path,
     half = scan_split(tmp_path / "subsets" / "fraction_0.5" / "train")
     assert half.multilabel and len(half) == result["rows"][0]["train_images"]
     assert "val mAP (%)" in (tmp_path / "learning_curve.md").read_text()
+
+
+def test_the_server_answers_a_sigmoid_per_label_and_publishes_the_thresholds(trained, multilabel_data):
+    pytest.importorskip("httpx2", reason="fastapi's TestClient needs httpx2 (the serve extra)")
+    from fastapi.testclient import TestClient
+
+    from common.data import Normalizer, eval_transform, load_rgb
+    from common.inference import load_trained
+    from common.serving.app import create_app
+    from common.serving.config import ServeConfig
+    from tests.test_serve_similar import binary_request
+
+    out, _ = trained
+    cfg = ServeConfig(checkpoint=str(out / "best.pt"), device="cpu", workers=1).check()
+    image = sorted((multilabel_data / "val" / "images").glob("*.png"))[0]
+    local = load_trained(str(out / "best.pt"), torch.device("cpu"))
+    with torch.no_grad():
+        x = eval_transform(local.pipeline)(load_rgb(str(image)))
+        expected = local.scores(local.model(Normalizer(torch.device("cpu"), False)(x[None])))[0].numpy()
+    with TestClient(create_app(cfg)) as client:
+        meta = client.get("/v2/models/resnet18").json()["parameters"]
+        assert meta["multilabel"] is True
+        assert meta["thresholds"] == pytest.approx(load_checkpoint(out / "best.pt")["thresholds"])
+        body, headers = binary_request(image.read_bytes())
+        answer = client.post("/v2/models/resnet18/infer", content=body, headers=headers)
+        assert answer.status_code == 200, answer.text
+        outputs = {o["name"]: o for o in answer.json()["outputs"]}
+    probs = np.array(outputs["probabilities"]["data"], dtype=np.float32)
+    assert probs == pytest.approx(expected, abs=1e-4)  # a sigmoid per label: they need not sum to 1

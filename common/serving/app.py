@@ -156,6 +156,8 @@ def create_app(cfg: ServeConfig, runtime=None) -> FastAPI:
             ],
             "parameters": {
                 "classes": meta.classes,
+                "multilabel": meta.multilabel,  # probabilities: a sigmoid per label, compared with its threshold
+                **({"thresholds": meta.thresholds} if meta.multilabel else {}),
                 "preprocessing": {"resize": meta.resize_size, "crop": s, "mean": meta.mean, "std": meta.std},
                 "max_batch_size": cfg.max_batch_size,
                 "similar": {"enabled": True, "route": f"/v2/models/{name}/similar?k=K", **similar.describe()}

@@ -35,6 +35,10 @@ class ModelMetadata:
     channels_last: bool = False
     format: str = "checkpoint"
     model_file: str | None = None
+    # Multi-label models: the probabilities are a sigmoid per label, and a label applies at or above its threshold
+    # (tuned on the validation set in training).
+    multilabel: bool = False
+    thresholds: list[float] | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -50,21 +54,22 @@ class ModelMetadata:
             raise UserError(f"{path} is not a valid export description: {e}") from None
 
 
-class WithSoftmax(torch.nn.Module):
-    """The exported graph ends in probabilities over the named classes, so a Triton client needs no
-    post-processing (a model trained with a larger ``--num-classes`` than it had class folders has outputs
-    that no name belongs to: they are left out)."""
+class WithProbabilities(torch.nn.Module):
+    """The exported graph ends in probabilities over the named classes (a softmax, or a sigmoid per label for a
+    multi-label model), so a Triton client needs no post-processing (a model trained with a larger
+    ``--num-classes`` than it had class folders has outputs that no name belongs to: they are left out)."""
 
-    def __init__(self, model: torch.nn.Module, num_named: int):
+    def __init__(self, model: torch.nn.Module, num_named: int, multilabel: bool = False):
         super().__init__()
-        self.model, self.num_named = model, num_named
+        self.model, self.num_named, self.multilabel = model, num_named, multilabel
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - the name becomes the graph's input name
-        return self.model(input)[:, : self.num_named].float().softmax(1)
+        logits = self.model(input)[:, : self.num_named].float()
+        return logits.sigmoid() if self.multilabel else logits.softmax(1)
 
 
 def load_checkpoint_model(path: str, device: torch.device) -> tuple[torch.nn.Module, ModelMetadata]:
-    """The trained classifier (ending in softmax) and its metadata, rebuilt as ``evaluate`` rebuilds it."""
+    """The trained classifier (ending in probabilities) and its metadata, rebuilt as ``evaluate`` rebuilds it."""
     from common.data import IMAGENET_MEAN, IMAGENET_STD
     from common.inference import load_trained
 
@@ -79,8 +84,10 @@ def load_checkpoint_model(path: str, device: torch.device) -> tuple[torch.nn.Mod
         mean=list(IMAGENET_MEAN),
         std=list(IMAGENET_STD),
         channels_last=trained.pipeline.channels_last,
+        multilabel=trained.multilabel,
+        thresholds=trained.thresholds if trained.multilabel else None,
     )
-    return WithSoftmax(trained.model, len(trained.classes)).eval(), meta
+    return WithProbabilities(trained.model, len(trained.classes), trained.multilabel).eval(), meta
 
 
 class TorchRuntime:
