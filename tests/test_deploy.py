@@ -205,7 +205,7 @@ def test_serving(rendered, stem, image):
     if stem == "serve-values":
         assert c["command"] == ["convnets", "serve"]
         assert c["args"] == ["--checkpoint", "/models/resnet50/model.pt", "--host", "0.0.0.0", "--port", "8000",
-                             "--model-name", "resnet50"]  # fmt: skip
+                             "--model-name", "resnet50", "--index", "/models/resnet50/index"]  # fmt: skip
         (hpa,) = by_kind(docs, "HorizontalPodAutoscaler")
         assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 8) and "replicas" not in dep["spec"]
     else:
