@@ -399,6 +399,12 @@ def run_epochs(cfg: TrainConfig, step: StepRunner, eval_model: nn.Module, data: 
     return final
 
 
+# Settings a resumed run takes from its checkpoint's optimizer and schedule state, whatever the command says
+# (--epochs is not among them: raising it is how a finished run trains further; nor is the warmup, which a
+# preset's schedule fitting scales with --epochs).
+RESUME_KEEPS = ("batch_size", "lr", "optimizer", "momentum", "weight_decay", "lr_schedule")
+
+
 def _load_resume(cfg: TrainConfig, ckpts: CheckpointManager, classes: list[str]):
     """The checkpoint to resume from (None for a fresh run), checked against this run's classes.
 
@@ -430,4 +436,11 @@ def _load_resume(cfg: TrainConfig, ckpts: CheckpointManager, classes: list[str])
         raise UserError(f"checkpoint {path} is a {state.get('arch')}, not --arch {cfg.arch}")
     if state.get("class_names") != list(classes):
         raise UserError(f"checkpoint {path} was trained on other classes than {cfg.data}/train")
+    changed = {k: (state["config"].get(k), v) for k, v in dataclasses.asdict(cfg).items()
+               if k in RESUME_KEEPS and k in state.get("config", {}) and state["config"][k] != v}  # fmt: skip
+    if changed:
+        # The optimizer, schedule and scaler come back as saved: these settings of this command are not the run's.
+        log.warning("resuming %s, which was started with other settings; the run keeps its own optimizer and schedule "
+                    "state: %s (remove the checkpoints or pass another --output to train with the new ones)", path,
+                    ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()))  # fmt: skip
     return state, path

@@ -84,3 +84,22 @@ def test_warmup_is_held_to_a_fifth_of_any_run(tmp_path):
     preset = tmp_path / "p.toml"
     preset.write_text("epochs = 5\nwarmup_epochs = 4\n")
     assert resolve(TrainConfig, {}, str(preset)).warmup_epochs == pytest.approx(1.0)
+
+
+def test_a_resume_with_other_optimizer_settings_says_which_it_keeps(tmp_path, caplog):
+    """--resume auto restores the optimizer and schedule as saved: a command that changed the batch size or the
+    learning rate in between is told so, by name, instead of training silently on the old values."""
+    from common.engine import train
+    from tests.conftest import make_tree
+
+    data = make_tree(tmp_path / "data", train_per_class=4, val_per_class=2, mixed_modes=False)
+    cli = {"data": str(data), "output": str(tmp_path / "run"), "arch": "resnet18", "image_size": 32,
+           "batch_size": 8, "workers": 0, "data_backend": "pytorch", "epochs": 1, "lr": 0.1,
+           "warmup_epochs": 0.0, "image_check": "none", "resume": "auto"}  # fmt: skip
+    train(resolve(TrainConfig, cli))
+    with caplog.at_level(logging.WARNING, logger="convnets"):
+        train(resolve(TrainConfig, cli | {"epochs": 2}))
+    assert "other settings" not in caplog.text  # more epochs: how a run trains further
+    with caplog.at_level(logging.WARNING, logger="convnets"):
+        train(resolve(TrainConfig, cli | {"epochs": 3, "batch_size": 4, "lr": 0.4}))
+    assert "batch_size 8 -> 4" in caplog.text and "lr 0.1 -> 0.4" in caplog.text
