@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,8 +68,6 @@ def image_tree(tmp_path_factory) -> Path:
 def one_torch_thread():
     """One intra-op thread for a module's in-process inference: on a shared 2-core machine a second thread spins
     and makes each small batch about ten times slower."""
-    import torch
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -89,6 +90,41 @@ def run_cli(*args: str, check: bool = True, env: dict | None = None, timeout: in
     if check and proc.returncode != 0:
         raise AssertionError(f"convnets {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+@pytest.fixture
+def cli(capfd):
+    """``cli(*args, check=True)``: ``convnets ARGS`` run in this process, as ``run_cli`` runs it in a subprocess and
+    with the same result (exit code, stdout, stderr; captured at the file descriptors, so output from C code
+    counts), without the seconds of interpreter and torch start-up. For commands that only read (evaluate,
+    predict, info, prepare --check) and for errors; training and anything about processes or signals runs in a
+    subprocess. The logging set-up that ``main`` makes is undone afterwards."""
+    from common.cli import main
+
+    def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+        root = logging.getLogger()
+        saved = root.handlers[:], root.level, logging.getLogRecordFactory(), logging.raiseExceptions
+        rngs = torch.get_rng_state(), np.random.get_state(), random.getstate()  # a failing train seeds them
+        capfd.readouterr()
+        try:
+            main(list(args))
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        finally:
+            root.handlers[:] = saved[0]
+            root.setLevel(saved[1])
+            logging.setLogRecordFactory(saved[2])
+            logging.raiseExceptions = saved[3]
+            torch.set_rng_state(rngs[0])
+            np.random.set_state(rngs[1])
+            random.setstate(rngs[2])
+        out, err = capfd.readouterr()
+        if check and code != 0:
+            raise AssertionError(f"convnets {' '.join(args)} failed ({code}):\n{out}\n{err}")
+        return subprocess.CompletedProcess(list(args), code, out, err)
+
+    return run
 
 
 # Small, fast training settings every end-to-end test starts from.
