@@ -80,9 +80,15 @@ def fresh_tree(tmp_path) -> Path:
     return make_tree(tmp_path / "data", train_per_class=16, val_per_class=8, mixed_modes=False)
 
 
+# For the processes the tests start: one intra-op thread. Two OpenMP threads on 2 busy cores spin while waiting
+# for each other: a 3-epoch test run took 164 s with them and 30 s with one (load 5, 2 cores); every result a test
+# compares is computed under the same setting.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
 def run_cli(*args: str, check: bool = True, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run ``python -m common ARGS`` in a subprocess, as a user's shell would."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    """Run ``python -m common ARGS`` in a subprocess, as a user's shell would (with ``ONE_THREAD``)."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **ONE_THREAD, **(env or {})}
     proc = subprocess.run(
         [sys.executable, "-m", "common", *args], capture_output=True, text=True, env=full_env, cwd=ROOT,
         timeout=timeout,

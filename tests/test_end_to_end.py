@@ -7,6 +7,7 @@ seconds of start-up (``test_missing_val_folder`` keeps one error path in a real 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from common.logger import read_log
-from tests.conftest import FAST_TRAIN, ROOT, run_cli
+from tests.conftest import FAST_TRAIN, ONE_THREAD, ROOT, run_cli
 
 
 @pytest.fixture(scope="module", params=["dali-cpu", "pytorch"])
@@ -184,7 +185,7 @@ def test_every_recipe_launcher_passes_arguments_through(recipe, arch, from_prese
         ["bash", str(ROOT / recipe / "train_1gpu.sh"), "--data", str(image_tree), "--arch", arch, "--epochs", "1",
          "--data-backend", "pytorch", "--batch-size", "8", "--image-size", "32", "--max-steps-per-epoch", "1",
          "--workers", "1", "--output", str(tmp_path)],
-        capture_output=True, text=True, cwd=ROOT, timeout=600,
+        capture_output=True, text=True, cwd=ROOT, timeout=600, env={**os.environ, **ONE_THREAD},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     config = json.loads((tmp_path / "config.json").read_text())

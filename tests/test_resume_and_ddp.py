@@ -18,7 +18,7 @@ import torch
 
 from common.checkpoint import load_checkpoint
 from common.logger import read_log
-from tests.conftest import FAST_TRAIN, ROOT, make_tree, run_cli
+from tests.conftest import FAST_TRAIN, ONE_THREAD, ROOT, make_tree, run_cli
 
 
 def final_metrics(out):
@@ -68,7 +68,7 @@ def test_kill_and_resume_ends_like_an_uninterrupted_run(small_tree, tmp_path):
 
     # Kill -9 in the middle of the second epoch, after the first epoch's checkpoint exists.
     out = tmp_path / "killed"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **ONE_THREAD}
     proc = subprocess.Popen([sys.executable, "-m", "common", *args, "--output", str(out)], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.time() + 300
@@ -119,8 +119,9 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(small_tr
     # gradients are summed) up to visible loss differences within a few steps.
     common = ["--data", str(small_tree), "--data-backend", "pytorch", "--epochs", "2", "--deterministic",
               "--optimizer-batch-size", "32", *FAST_TRAIN, "--lr", "0.05"]  # fmt: skip
-    # Each of the 2 ranks computes with 1 thread (distributed.init_distributed); so does the single process.
-    run_cli("train", *common, "--output", str(tmp_path / "one"), env={"OMP_NUM_THREADS": "1"})
+    # Each of the 2 ranks computes with 1 thread (distributed.init_distributed); so does the single process
+    # (run_cli's ONE_THREAD).
+    run_cli("train", *common, "--output", str(tmp_path / "one"))
     proc = launch_two("train", *common, "--output", str(tmp_path / "two"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     one, two = load_checkpoint(tmp_path / "one" / "best.pt"), load_checkpoint(tmp_path / "two" / "best.pt")
