@@ -10,11 +10,13 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dali,test,serve,deploy,owndata,bench]'
 	@# The page test drives Debian's chromium through Playwright (no browser download); it skips without one.
-	@command -v chromium >/dev/null 2>&1 || apt-get install -y -q chromium >/dev/null 2>&1 \
+	@# apt runs in the background while pip installs: on a new machine both mostly wait on downloads.
+	@{ command -v chromium >/dev/null 2>&1 || apt-get install -y -q chromium >/dev/null 2>&1 \
 	  || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1) \
-	  || echo "note: could not install chromium (needs root and Debian's apt); the browser test will be skipped"
+	  || echo "note: could not install chromium (needs root and Debian's apt); the browser test will be skipped"; } & \
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dali,test,serve,deploy,owndata,bench]'; \
+	  status=$$?; wait; exit $$status
 	touch $@
 
 # Debian's dataset-fashion-mnist holds the IDX files; elsewhere `prepare` falls back to torchvision's download.

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,8 +68,6 @@ def image_tree(tmp_path_factory) -> Path:
 def one_torch_thread():
     """One intra-op thread for a module's in-process inference: on a shared 2-core machine a second thread spins
     and makes each small batch about ten times slower."""
-    import torch
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -79,9 +80,15 @@ def fresh_tree(tmp_path) -> Path:
     return make_tree(tmp_path / "data", train_per_class=16, val_per_class=8, mixed_modes=False)
 
 
+# For the processes the tests start: one intra-op thread. Two OpenMP threads on 2 busy cores spin while waiting
+# for each other: a 3-epoch test run took 164 s with them and 30 s with one (load 5, 2 cores); every result a test
+# compares is computed under the same setting.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
 def run_cli(*args: str, check: bool = True, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run ``python -m common ARGS`` in a subprocess, as a user's shell would."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    """Run ``python -m common ARGS`` in a subprocess, as a user's shell would (with ``ONE_THREAD``)."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **ONE_THREAD, **(env or {})}
     proc = subprocess.run(
         [sys.executable, "-m", "common", *args], capture_output=True, text=True, env=full_env, cwd=ROOT,
         timeout=timeout,
@@ -89,6 +96,41 @@ def run_cli(*args: str, check: bool = True, env: dict | None = None, timeout: in
     if check and proc.returncode != 0:
         raise AssertionError(f"convnets {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+@pytest.fixture
+def cli(capfd):
+    """``cli(*args, check=True)``: ``convnets ARGS`` run in this process, as ``run_cli`` runs it in a subprocess and
+    with the same result (exit code, stdout, stderr; captured at the file descriptors, so output from C code
+    counts), without the seconds of interpreter and torch start-up. For commands that only read (evaluate,
+    predict, info, prepare --check) and for errors; training and anything about processes or signals runs in a
+    subprocess. The logging set-up that ``main`` makes is undone afterwards."""
+    from common.cli import main
+
+    def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+        root = logging.getLogger()
+        saved = root.handlers[:], root.level, logging.getLogRecordFactory(), logging.raiseExceptions
+        rngs = torch.get_rng_state(), np.random.get_state(), random.getstate()  # a failing train seeds them
+        capfd.readouterr()
+        try:
+            main(list(args))
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        finally:
+            root.handlers[:] = saved[0]
+            root.setLevel(saved[1])
+            logging.setLogRecordFactory(saved[2])
+            logging.raiseExceptions = saved[3]
+            torch.set_rng_state(rngs[0])
+            np.random.set_state(rngs[1])
+            random.setstate(rngs[2])
+        out, err = capfd.readouterr()
+        if check and code != 0:
+            raise AssertionError(f"convnets {' '.join(args)} failed ({code}):\n{out}\n{err}")
+        return subprocess.CompletedProcess(list(args), code, out, err)
+
+    return run
 
 
 # Small, fast training settings every end-to-end test starts from.
