@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 
 from common.errors import UserError
@@ -52,6 +54,10 @@ class _DecodeProbe:
         except OSError as e:
             return f"cannot read ({e})"
         if self.pipe is None:
+            # The pipeline that failed is held by reference cycles through its exception's traceback: collect it
+            # now, in this thread, rather than let the garbage collector tear it down later in the middle of
+            # another pipeline's run (a rare segfault in CI was seen after a failed decode).
+            gc.collect()
             self._build()
         try:
             self.pipe.feed_input("encoded", data)
