@@ -58,6 +58,16 @@ def embed_normalized(model, batch: torch.Tensor) -> np.ndarray:
     return torch.nn.functional.normalize(vectors, dim=1).cpu().numpy()
 
 
+def nearest(index, paths: list[str], vectors: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
+    """For each row of ``vectors``, its ``k`` nearest indexed images as (path, cosine similarity), best first. HNSW
+    may find fewer than k, padding with id -1: those are left out."""
+    scores, ids = index.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
+    return [
+        [(paths[i], float(s)) for s, i in zip(row_s, row_i, strict=True) if i >= 0]
+        for row_s, row_i in zip(scores, ids, strict=True)
+    ]
+
+
 def checkpoint_sha256(path: str) -> str:
     """The file's sha256: what ties an index to the exact weights it was built with (a path can be overwritten)."""
     digest = hashlib.sha256()
@@ -232,7 +242,7 @@ def run_similar(cfg) -> int:
         except Exception as e:  # noqa: BLE001 - any decoding failure ends with the file named
             raise UserError(f"{image}: cannot decode ({type(e).__name__}: {e})") from None
         vector = embed_images(model, normalize, tensor[None], device)
-        scores, ids = index.search(vector, min(cfg.k, len(paths)))
-        hits = [{"path": paths[i], "score": round(float(s), 6)} for s, i in zip(scores[0], ids[0], strict=True)]
+        (found,) = nearest(index, paths, vector, min(cfg.k, len(paths)))
+        hits = [{"path": path, "score": round(score, 6)} for path, score in found]
         print(json.dumps({"query": image, "similar": hits}), flush=True)
     return 0

@@ -193,38 +193,52 @@ def create_app(cfg: ServeConfig, runtime=None) -> FastAPI:
                 raise d
         return np.stack(decoded)
 
+    async def counted(model: str, route: str, work) -> Response:
+        """Run a route's ``work()`` with its request, failure and latency series: a ProtocolError becomes its
+        status with the message, anything else a logged 500."""
+        requests, failures, latency, what = routes[route]
+        started = time.perf_counter()
+        label = name if model == name else "(unknown)"
+        requests.labels(label).inc()
+        try:
+            response = await work()
+        except ProtocolError as e:
+            failures.labels(label, str(e.status)).inc()
+            return _error(str(e), e.status)
+        except Exception:
+            failures.labels(label, "500").inc()
+            log.exception("%s failed", what)
+            return _error(f"internal error while {what} (see the server log)", 500)
+        latency.labels(name).observe(time.perf_counter() - started)
+        return response
+
+    routes = {
+        "infer": (metrics.requests, metrics.failures, metrics.latency, "running the model"),
+        "similar": (metrics.similar_requests, metrics.similar_failures, metrics.similar_latency,
+                    "searching similar images"),
+    }  # fmt: skip
+
     @app.post("/v2/models/{model}/infer")
     @app.post("/v2/models/{model}/versions/{version}/infer")
     async def infer(model: str, request: Request, version: str = "1"):
-        started = time.perf_counter()
-        label = name if model == name else "(unknown)"
-        metrics.requests.labels(label).inc()
-        try:
+        async def work() -> Response:
             check_model(model)
             parsed = await read_request(request)
             probs = await batcher.submit(await model_input(parsed))
             content, header_length = build_response(name, parsed, probs, meta.classes)
-        except ProtocolError as e:
-            metrics.failures.labels(label, str(e.status)).inc()
-            return _error(str(e), e.status)
-        except Exception:
-            metrics.failures.labels(label, "500").inc()
-            log.exception("inference failed")
-            return _error("internal error while running the model (see the server log)", 500)
-        metrics.latency.labels(name).observe(time.perf_counter() - started)
-        if header_length is None:
-            return Response(content, media_type="application/json")
-        headers = {"Inference-Header-Content-Length": str(header_length)}
-        return Response(content, media_type="application/octet-stream", headers=headers)
+            if header_length is None:
+                return Response(content, media_type="application/json")
+            headers = {"Inference-Header-Content-Length": str(header_length)}
+            return Response(content, media_type="application/octet-stream", headers=headers)
+
+        return await counted(model, "infer", work)
 
     @app.post("/v2/models/{model}/similar")
     @app.post("/v2/models/{model}/versions/{version}/similar")
     async def similar_images(model: str, request: Request, version: str = "1"):
         """The ``k`` indexed images nearest to each input image (the same body as ``infer``), best first."""
-        started = time.perf_counter()
-        label = name if model == name else "(unknown)"
-        metrics.similar_requests.labels(label).inc()
-        try:
+
+        async def work() -> Response:
             check_model(model)
             if similar is None:
                 raise ProtocolError("this server has no similar-image index: start it with --index INDEX (a folder "
@@ -234,18 +248,12 @@ def create_app(cfg: ServeConfig, runtime=None) -> FastAPI:
             vectors = await embed_batcher.submit(await model_input(parsed))
             # faiss releases the GIL while it searches: off the event loop, in the decoding threads.
             hits = await asyncio.get_running_loop().run_in_executor(decode_pool, similar.search, vectors, k)
-        except ProtocolError as e:
-            metrics.similar_failures.labels(label, str(e.status)).inc()
-            return _error(str(e), e.status)
-        except Exception:
-            metrics.similar_failures.labels(label, "500").inc()
-            log.exception("similar-image search failed")
-            return _error("internal error while searching similar images (see the server log)", 500)
-        metrics.similar_latency.labels(name).observe(time.perf_counter() - started)
-        answer = {"model_name": name, "model_version": "1", "k": k, "results": hits}
-        if parsed.id is not None:
-            answer["id"] = parsed.id
-        return JSONResponse(answer)
+            answer = {"model_name": name, "model_version": "1", "k": k, "results": hits}
+            if parsed.id is not None:
+                answer["id"] = parsed.id
+            return JSONResponse(answer)
+
+        return await counted(model, "similar", work)
 
     @app.get("/metrics")
     async def prometheus():

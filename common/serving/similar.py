@@ -46,15 +46,12 @@ class SimilarIndex:
     def search(self, vectors: np.ndarray, k: int) -> list[list[dict]]:
         """For each row of ``vectors``, its ``k`` nearest indexed images, best first: path, cosine similarity
         (``score``, as ``convnets similar`` prints it) and cosine distance (``1 - score``)."""
-        scores, ids = self.index.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
-        # HNSW may find fewer than k and pads with id -1; float32 rounding can put a score a hair above 1.
+        from common.owndata.embed import nearest
+
+        # float32 rounding can put a score a hair above 1.
         return [
-            [
-                {"path": self.paths[i], "score": float(s), "distance": max(0.0, 1.0 - float(s))}
-                for s, i in zip(row_s, row_i, strict=True)
-                if i >= 0
-            ]
-            for row_s, row_i in zip(scores, ids, strict=True)
+            [{"path": path, "score": score, "distance": max(0.0, 1.0 - score)} for path, score in row]
+            for row in nearest(self.index, self.paths, vectors, k)
         ]
 
     def describe(self) -> dict:
