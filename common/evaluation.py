@@ -16,6 +16,22 @@ from common.metrics import multilabel_report, one_vs_rest, roc_auc
 from common.step import Precision
 
 
+def class_probabilities(logits: torch.Tensor, num_named: int, multilabel: bool) -> torch.Tensor:
+    """Probabilities of the named classes: a softmax over them, or a sigmoid per label for a multi-label model.
+    Outputs no class name belongs to (a run with a larger ``--num-classes`` than its folders) are left out."""
+    logits = logits[:, :num_named].float()
+    return logits.sigmoid() if multilabel else logits.softmax(1)
+
+
+def latency_metrics(prefix: str, latencies_ms: list[float]) -> dict:
+    """Mean and 99th-percentile compute time per batch, in seconds (DLLogger's unit)."""
+    lat = np.array(latencies_ms) if latencies_ms else np.zeros(1)
+    return {
+        f"{prefix}.compute_latency_mean": float(lat.mean()) / 1000,
+        f"{prefix}.compute_latency_at99": float(np.percentile(lat, 99)) / 1000,
+    }
+
+
 @dataclass
 class EvalResult:
     loss: float
@@ -35,13 +51,11 @@ class EvalResult:
         return self.top1
 
     def metrics(self, prefix: str) -> dict:
-        lat = np.array(self.latencies_ms) if self.latencies_ms else np.zeros(1)
         out = {
             f"{prefix}.loss": self.loss,
             f"{prefix}.top1": self.top1,
             f"{prefix}.top5": self.top5,
-            f"{prefix}.compute_latency_mean": float(lat.mean()) / 1000,
-            f"{prefix}.compute_latency_at99": float(np.percentile(lat, 99)) / 1000,
+            **latency_metrics(prefix, self.latencies_ms),
         }
         if self.positive is not None:
             binary = one_vs_rest(self.confusion.numpy(), self.positive)
@@ -166,7 +180,6 @@ class MultiLabelResult:
         return self.report["thresholds"]
 
     def metrics(self, prefix: str) -> dict:
-        lat = np.array(self.latencies_ms) if self.latencies_ms else np.zeros(1)
         r = self.report
         return {
             f"{prefix}.loss": self.loss,
@@ -174,8 +187,7 @@ class MultiLabelResult:
             f"{prefix}.f1_macro": r["f1_macro"],
             f"{prefix}.f1_micro": r["f1_micro"],
             f"{prefix}.exact_match": r["exact_match"],
-            f"{prefix}.compute_latency_mean": float(lat.mean()) / 1000,
-            f"{prefix}.compute_latency_at99": float(np.percentile(lat, 99)) / 1000,
+            **latency_metrics(prefix, self.latencies_ms),
         }
 
 

@@ -29,7 +29,7 @@ from common.data import (
 )
 from common.distributed import resolve_device
 from common.errors import UserError
-from common.evaluation import evaluate, evaluate_multilabel
+from common.evaluation import class_probabilities, evaluate, evaluate_multilabel
 from common.registry import get_model_spec
 
 log = logging.getLogger("convnets")
@@ -49,9 +49,7 @@ class TrainedModel:
         return bool(self.config.get("multilabel"))
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
-        """Per-class probabilities of the named classes: softmax over classes, or a sigmoid per label."""
-        logits = logits.float()[:, : len(self.classes)]  # outputs without a class name left out
-        return logits.sigmoid() if self.multilabel else logits.softmax(1)
+        return class_probabilities(logits, len(self.classes), self.multilabel)
 
 
 def load_trained(path: str, device: torch.device, width_mult: float | None = None, batch_size: int = 64,

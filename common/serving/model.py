@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from common.errors import UserError
+from common.evaluation import class_probabilities
 
 log = logging.getLogger("convnets")
 
@@ -64,8 +65,7 @@ class WithProbabilities(torch.nn.Module):
         self.model, self.num_named, self.multilabel = model, num_named, multilabel
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - the name becomes the graph's input name
-        logits = self.model(input)[:, : self.num_named].float()
-        return logits.sigmoid() if self.multilabel else logits.softmax(1)
+        return class_probabilities(self.model(input), self.num_named, self.multilabel)
 
 
 def load_checkpoint_model(path: str, device: torch.device) -> tuple[torch.nn.Module, ModelMetadata]:
