@@ -19,7 +19,7 @@ import numpy as np
 from common.checkpoint import atomic_write_text
 from common.config import LearningCurveConfig, TrainConfig
 from common.data import CheckCache, ImageList, drop_bad_images, scan_split
-from common.data.folders import LABEL_SEPARATOR, LABELS_CSV
+from common.data.folders import write_labels_csv
 from common.errors import UserError
 
 log = logging.getLogger("convnets")
@@ -57,7 +57,6 @@ def link_subset(data: Path, images: ImageList, subset: np.ndarray, root: Path) -
     """``root/train/<class>/`` of symbolic links to the ``subset`` of ``images`` (multi-label: ``root/train/images/``
     and its ``labels.csv``) and ``root/val`` linked to ``data/val``: a tree that costs no copy. Made afresh each
     time, so a re-run with other fractions is right. Returns ``{link: file}`` for the training files."""
-    import csv
     import shutil
 
     if root.exists():
@@ -72,11 +71,9 @@ def link_subset(data: Path, images: ImageList, subset: np.ndarray, root: Path) -
         link.symlink_to(Path(path).resolve())
         links[str(link)] = path
         if images.multilabel:
-            names = [images.classes[c] for c in np.flatnonzero(label)]
-            rows.append([f"images/{link.name}", LABEL_SEPARATOR.join(names)])
+            rows.append((f"images/{link.name}", [images.classes[c] for c in np.flatnonzero(label)]))
     if images.multilabel:
-        with open(root / "train" / LABELS_CSV, "w", newline="") as f:
-            csv.writer(f).writerows([["path", "labels"], *rows])
+        write_labels_csv(root / "train", rows)
     (root / "val").symlink_to((data / "val").resolve(), target_is_directory=True)
     return links
 

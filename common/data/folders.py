@@ -139,6 +139,19 @@ LABELS_CSV = "labels.csv"
 LABEL_SEPARATOR = ";"
 
 
+def split_labels(cell: str) -> list[str]:
+    """The labels of a ``labels.csv`` cell (``"cat;dog"``), sorted, without blanks or repeats."""
+    return sorted({x.strip() for x in cell.split(LABEL_SEPARATOR) if x.strip()})
+
+
+def write_labels_csv(split_dir: Path, rows) -> None:
+    """``split_dir/labels.csv`` from ``(path below split_dir, labels)`` rows, the labels a list of names."""
+    with open(Path(split_dir) / LABELS_CSV, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "labels"])
+        writer.writerows((path, LABEL_SEPARATOR.join(labels)) for path, labels in rows)
+
+
 def read_multilabel_split(split_dir: Path, classes: list[str] | None = None) -> ImageList:
     """``split_dir/labels.csv`` with rows ``path,labels``: the path relative to ``split_dir``, the labels joined
     by ``;`` (an empty cell: an image with none of the classes). Classes default to the sorted labels found.
@@ -154,7 +167,7 @@ def read_multilabel_split(split_dir: Path, classes: list[str] | None = None) -> 
             if not row or (n == 1 and [c.strip().lower() for c in row[:2]] == ["path", "labels"]):
                 continue
             rel = row[0].strip()
-            labels = sorted({x.strip() for x in (row[1] if len(row) > 1 else "").split(LABEL_SEPARATOR) if x.strip()})
+            labels = split_labels(row[1] if len(row) > 1 else "")
             path = split_dir / rel
             if not rel or rel in seen:
                 problems.append(f"row {n}: {'empty path' if not rel else f'{rel} listed again'}")

@@ -27,7 +27,7 @@ import numpy as np
 from common.data import CheckCache, dali_undecodable, image_files, inspect_image, log_ignored
 from common.data.checks import CACHE_NAME
 from common.data.dali_decode import require_dali
-from common.data.folders import LABEL_SEPARATOR, LABELS_CSV
+from common.data.folders import LABEL_SEPARATOR, split_labels, write_labels_csv
 from common.errors import UserError
 from common.owndata.dedup import HASH_BYTES, UnionFind, duplicate_groups, image_hash
 from common.owndata.progress import Progress
@@ -99,7 +99,7 @@ def list_csv(csv_path: Path, root: Path | None, multi_label: bool = False) -> tu
     if not csv_path.is_file():
         raise UserError(f"--csv {csv_path} does not exist")
     root = root or csv_path.parent
-    items, bad, seen, rows_of = [], {}, {}, {}
+    items, bad, seen = [], {}, {}  # seen: path -> (its item's index, its first row)
     with open(csv_path, newline="") as f:
         for n, row in enumerate(csv.reader(f), start=1):
             if not row or all(not c.strip() for c in row):
@@ -113,23 +113,22 @@ def list_csv(csv_path: Path, root: Path | None, multi_label: bool = False) -> tu
                 continue
             rel, label = row[0].strip(), row[1].strip()
             path = os.path.normpath(os.path.join(root, rel))
-            labels = sorted({x.strip() for x in label.split(LABEL_SEPARATOR) if x.strip()}) if multi_label else [label]
+            labels = split_labels(label) if multi_label else [label]
             odd = [x for x in labels if "/" in x or x.startswith(".")]
             if odd:
                 bad[f"{csv_path}:{n}"] = f"label {odd[0]!r} cannot be a folder name"
                 continue
             if path in seen and multi_label:
                 # One row per (image, label), as many tools export them: the labels add up.
-                item = items[seen[path]]
-                merged = set(filter(None, item.label.split(LABEL_SEPARATOR))) | set(labels)
-                item.label = LABEL_SEPARATOR.join(sorted(merged))
+                item = items[seen[path][0]]
+                item.label = LABEL_SEPARATOR.join(sorted(set(labels_of(item)) | set(labels)))
                 continue
             if path in seen:
-                first = items[seen[path]]
+                first = items[seen[path][0]]
                 hint = "" if first.label == label else " with another label (several labels per image: --multi-label)"
-                bad[f"{csv_path}:{n}"] = f"{rel} is listed again{hint} (first on row {rows_of[path]})"
+                bad[f"{csv_path}:{n}"] = f"{rel} is listed again{hint} (first on row {seen[path][1]})"
                 continue
-            seen[path], rows_of[path] = len(items), n
+            seen[path] = len(items), n
             label = LABEL_SEPARATOR.join(labels)
             # Keep the path's folders below the class folder: two rows naming a/1.jpg and b/1.jpg stay apart.
             items.append(Item(path, label, os.path.relpath(path, root) if not os.path.isabs(rel) else rel.lstrip("/")))
@@ -226,7 +225,7 @@ def deduplicate(items: list[Item], hashes: np.ndarray, radius: int) -> tuple[lis
 
 def labels_of(item: Item) -> list[str]:
     """An item's labels: its class, or for multi-label items the labels joined in ``label`` (maybe none)."""
-    return [x for x in item.label.split(LABEL_SEPARATOR) if x]
+    return split_labels(item.label)
 
 
 def rarest_label(items: list[Item]):
@@ -392,10 +391,8 @@ def prepare_own(cfg) -> Prepared:
     progress.close()
     if multi:
         for split in splits:
-            with open(tmp / split / LABELS_CSV, "w", newline="") as f:
-                writer = csv.writer(f)
-                writer.writerow(["path", "labels"])
-                writer.writerows((os.path.relpath(path, split), label) for path, _, label, s in rows if s == split)
+            mine = [(os.path.relpath(path, split), split_labels(label)) for path, _, label, s in rows if s == split]
+            write_labels_csv(tmp / split, mine)
     else:
         for split in splits:  # a class absent from a split still gets its (empty) folder: scan_split lists classes
             for label in classes:
