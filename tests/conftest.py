@@ -75,6 +75,35 @@ def one_torch_thread():
 
 
 @pytest.fixture
+def check_decodes(monkeypatch) -> dict:
+    """Count the PIL opens (by depth) and DALI decodes the start-up image checks do."""
+    from common.data import checks
+
+    calls = {"header": 0, "full": 0, "dali": 0}
+    inspect, dali = checks.inspect_image, checks.dali_undecodable
+
+    def inspect_counted(path, full=True):
+        calls["full" if full else "header"] += 1
+        return inspect(path, full)
+
+    def dali_counted(files, *args, **kwargs):
+        calls["dali"] += len(files)
+        return dali(files, *args, **kwargs)
+
+    monkeypatch.setattr(checks, "inspect_image", inspect_counted)
+    monkeypatch.setattr(checks, "dali_undecodable", dali_counted)
+    return calls
+
+
+def scan_splits(root: Path) -> list:
+    """``root/train`` and ``root/val`` listed as training lists them (val against train's classes)."""
+    from common.data import scan_split
+
+    train = scan_split(root / "train")
+    return [train, scan_split(root / "val", classes=train.classes)]
+
+
+@pytest.fixture
 def fresh_tree(tmp_path) -> Path:
     """A private copy a test may damage (bad files, empty folders)."""
     return make_tree(tmp_path / "data", train_per_class=16, val_per_class=8, mixed_modes=False)

@@ -9,9 +9,10 @@ import os
 import numpy as np
 import pytest
 
-from common.data import checks, drop_bad_images, scan_split
+from common.data import checks, drop_bad_images
 from common.errors import UserError
 from common.prepare import check_tree
+from tests.conftest import scan_splits
 
 
 def small_tree(root, n: int = 6):
@@ -25,69 +26,45 @@ def small_tree(root, n: int = 6):
     return root
 
 
-@pytest.fixture
-def counted(monkeypatch):
-    """Count PIL opens (by depth) and DALI decodes done by the checks."""
-    calls = {"header": 0, "full": 0, "dali": 0}
-    inspect, dali = checks.inspect_image, checks.dali_undecodable
-
-    def inspect_counted(path, full=True):
-        calls["full" if full else "header"] += 1
-        return inspect(path, full)
-
-    def dali_counted(files, *args, **kwargs):
-        calls["dali"] += len(files)
-        return dali(files, *args, **kwargs)
-
-    monkeypatch.setattr(checks, "inspect_image", inspect_counted)
-    monkeypatch.setattr(checks, "dali_undecodable", dali_counted)
-    return calls
-
-
-def splits(root):
-    train = scan_split(root / "train")
-    return [train, scan_split(root / "val", classes=train.classes)]
-
-
-def test_a_second_check_decodes_only_new_or_changed_files(tmp_path, counted):
+def test_a_second_check_decodes_only_new_or_changed_files(tmp_path, check_decodes):
     root = small_tree(tmp_path)
-    train, val = drop_bad_images(splits(root), "full", skip_bad=False, workers=1)
-    assert counted == {"header": 0, "full": 12, "dali": 0}
+    train, val = drop_bad_images(scan_splits(root), "full", skip_bad=False, workers=1)
+    assert check_decodes == {"header": 0, "full": 12, "dali": 0}
     assert train.sizes.tolist() == [[20, 10 + i] for i in range(6)]
     assert (root / checks.CACHE_NAME).is_file()
 
-    again = drop_bad_images(splits(root), "full", skip_bad=False, workers=1)  # a resume, a second run
-    assert counted["full"] == 12 and np.array_equal(again[0].sizes, train.sizes)
+    again = drop_bad_images(scan_splits(root), "full", skip_bad=False, workers=1)  # a resume, a second run
+    assert check_decodes["full"] == 12 and np.array_equal(again[0].sizes, train.sizes)
 
     changed = root / "train" / "a" / "3.png"
     changed.write_bytes(b"not an image any more")
     os.utime(changed, ns=(1, 1))
     with pytest.raises(UserError, match="3.png: not an image"):
-        drop_bad_images(splits(root), "full", skip_bad=False, workers=1)
-    assert counted["full"] == 13
+        drop_bad_images(scan_splits(root), "full", skip_bad=False, workers=1)
+    assert check_decodes["full"] == 13
     # A known-bad file stays bad without a decode, whatever the check's depth.
     with pytest.raises(UserError, match="3.png"):
-        drop_bad_images(splits(root), "header", skip_bad=False, workers=1)
-    assert counted["full"] == 13 and counted["header"] == 0
+        drop_bad_images(scan_splits(root), "header", skip_bad=False, workers=1)
+    assert check_decodes["full"] == 13 and check_decodes["header"] == 0
 
 
-def test_training_and_prepare_check_share_the_cache(tmp_path, counted):
+def test_training_and_prepare_check_share_the_cache(tmp_path, check_decodes):
     root = small_tree(tmp_path)
     assert check_tree(root, workers=1) == {}
-    assert counted == {"header": 0, "full": 12, "dali": 12}
-    drop_bad_images(splits(root), "full", skip_bad=False, workers=1, dali=True)  # a DALI training run
-    drop_bad_images(splits(root), "full", skip_bad=False, workers=1, dali=False)  # a pytorch one
-    assert counted == {"header": 0, "full": 12, "dali": 12}
+    assert check_decodes == {"header": 0, "full": 12, "dali": 12}
+    drop_bad_images(scan_splits(root), "full", skip_bad=False, workers=1, dali=True)  # a DALI training run
+    drop_bad_images(scan_splits(root), "full", skip_bad=False, workers=1, dali=False)  # a pytorch one
+    assert check_decodes == {"header": 0, "full": 12, "dali": 12}
     # evaluate --data DATA checks DATA/val alone: still the root's cache, no decode.
-    drop_bad_images(splits(root)[1:], "full", skip_bad=False, workers=1, dali=True)
-    assert counted == {"header": 0, "full": 12, "dali": 12}
+    drop_bad_images(scan_splits(root)[1:], "full", skip_bad=False, workers=1, dali=True)
+    assert check_decodes == {"header": 0, "full": 12, "dali": 12}
 
 
-def test_a_header_check_is_cached_then_deepened(tmp_path, counted):
+def test_a_header_check_is_cached_then_deepened(tmp_path, check_decodes):
     root = small_tree(tmp_path)
-    drop_bad_images(splits(root), "header", skip_bad=False, workers=1)
-    drop_bad_images(splits(root), "full", skip_bad=False, workers=1, dali=True)
-    assert counted == {"header": 12, "full": 0, "dali": 12}
+    drop_bad_images(scan_splits(root), "header", skip_bad=False, workers=1)
+    drop_bad_images(scan_splits(root), "full", skip_bad=False, workers=1, dali=True)
+    assert check_decodes == {"header": 12, "full": 0, "dali": 12}
 
 
 def test_the_cache_goes_to_the_user_cache_dir_when_the_data_folder_is_read_only(tmp_path, monkeypatch):
@@ -103,23 +80,23 @@ def test_the_cache_goes_to_the_user_cache_dir_when_the_data_folder_is_read_only(
         return mkstemp(*args, dir=dir, **kwargs)
 
     monkeypatch.setattr(tempfile, "mkstemp", read_only_data)
-    drop_bad_images(splits(root), "header", skip_bad=False, workers=1)
+    drop_bad_images(scan_splits(root), "header", skip_bad=False, workers=1)
     assert not (root / checks.CACHE_NAME).exists()
     (saved,) = list((tmp_path / "cache" / "convnets").glob("check-cache-*.json.gz"))
     assert len(checks.CheckCache(root).entries) == 12 and checks.CheckCache(root).loaded_from == saved
 
 
-def test_auto_decodes_when_cheap_and_says_why(tmp_path, counted, caplog, monkeypatch):
+def test_auto_decodes_when_cheap_and_says_why(tmp_path, check_decodes, caplog, monkeypatch):
     root = small_tree(tmp_path)
     with caplog.at_level(logging.INFO, logger="common.data.checks"):
-        drop_bad_images(splits(root), "auto", skip_bad=False, workers=1)
-    assert counted["full"] == 12 and "image check: full (12 of 12 files not yet checked" in caplog.text
+        drop_bad_images(scan_splits(root), "auto", skip_bad=False, workers=1)
+    assert check_decodes["full"] == 12 and "image check: full (12 of 12 files not yet checked" in caplog.text
     caplog.clear()
     monkeypatch.setattr(checks, "AUTO_FULL_LIMIT", 5)
     (root / "train" / "a" / "new.png").write_bytes((root / "train" / "a" / "0.png").read_bytes())
     for name in ("x", "y", "z", "w", "v", "u"):
         (root / "val" / "a" / f"{name}.png").write_bytes((root / "val" / "a" / "0.png").read_bytes())
     with caplog.at_level(logging.INFO, logger="common.data.checks"):
-        drop_bad_images(splits(root), "auto", skip_bad=False, workers=1)
+        drop_bad_images(scan_splits(root), "auto", skip_bad=False, workers=1)
     assert "image check: header (7 of 19 files not yet decoded" in caplog.text
-    assert counted["full"] == 12 and counted["header"] == 7
+    assert check_decodes["full"] == 12 and check_decodes["header"] == 7

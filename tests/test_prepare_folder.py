@@ -15,11 +15,11 @@ import pytest
 from PIL import Image
 
 from common import config
-from common.data import checks, drop_bad_images, inspect_image, scan_split
+from common.data import drop_bad_images, inspect_image
 from common.errors import UserError
 from common.owndata.dataset import prepare_own
 from common.owndata.dedup import HASH_BITS, image_hash, near_pairs
-from tests.conftest import run_cli
+from tests.conftest import run_cli, scan_splits
 
 RADIUS = 10
 
@@ -103,42 +103,19 @@ def test_bad_files_are_named_and_left_out(raw, prepared):
     assert all(str(p) in md for p in raw[1]["bad"])
 
 
-@pytest.fixture
-def counted(monkeypatch):
-    """Count the files training's start-up check opens with PIL or decodes with DALI."""
-    calls = {"pil": 0, "dali": 0}
-    inspect, dali = checks.inspect_image, checks.dali_undecodable
-
-    def inspect_counted(path, full=True):
-        calls["pil"] += 1
-        return inspect(path, full)
-
-    def dali_counted(files, *args, **kwargs):
-        calls["dali"] += len(files)
-        return dali(files, *args, **kwargs)
-
-    monkeypatch.setattr(checks, "inspect_image", inspect_counted)
-    monkeypatch.setattr(checks, "dali_undecodable", dali_counted)
-    return calls
-
-
-def test_training_check_after_prepare_decodes_nothing(prepared, counted, caplog, monkeypatch):
+def test_training_check_after_prepare_decodes_nothing(prepared, check_decodes, caplog, monkeypatch):
     out, result = prepared
     dali = importlib.util.find_spec("nvidia.dali") is not None
 
-    def splits(data: Path):
-        train = scan_split(data / "train")
-        return [train, scan_split(data / "val", classes=train.classes)]
-
     with caplog.at_level(logging.INFO, logger="common.data.checks"):
-        kept = drop_bad_images(splits(out), "auto", skip_bad=False, workers=1, dali=dali)  # what `train` runs
-    assert counted == {"pil": 0, "dali": 0}
+        kept = drop_bad_images(scan_splits(out), "auto", skip_bad=False, workers=1, dali=dali)  # what `train` runs
+    assert check_decodes == {"header": 0, "full": 0, "dali": 0}
     assert "image check: full (all" in caplog.text
     assert [len(k) for k in kept] == [sum(result.counts[s].values()) for s in ("train", "val")]
-    drop_bad_images(splits(out), "full", skip_bad=False, workers=1, dali=False)  # the pytorch backend's check
+    drop_bad_images(scan_splits(out), "full", skip_bad=False, workers=1, dali=False)  # the pytorch backend's check
     monkeypatch.chdir(out.parent)  # `--data data`, a relative path: the same cache keys
-    drop_bad_images(splits(Path(out.name)), "full", skip_bad=False, workers=1, dali=dali)
-    assert counted == {"pil": 0, "dali": 0}
+    drop_bad_images(scan_splits(Path(out.name)), "full", skip_bad=False, workers=1, dali=dali)
+    assert check_decodes == {"header": 0, "full": 0, "dali": 0}
     # The sizes training's DALI feeder draws crops from come from the cache: the displayed sizes, as a check reads.
     assert kept[0].sizes.tolist() == [list(inspect_image(f)[1:]) for f in kept[0].files]
 
@@ -181,7 +158,7 @@ def test_split_is_stratified_grouped_and_hard_linked(raw, prepared):
     assert 4 <= result.counts["val"]["cat"] <= 8 and 2 <= result.counts["test"]["cat"] <= 6
     frame_splits = {s for s, fs in files.items() for p in fs if p.name.startswith("clipA_frame")}
     assert len(frame_splits) == 1
-    # On disk as counted, and the same inode as the source (a hard link, not a copy).
+    # On disk as check_decodes, and the same inode as the source (a hard link, not a copy).
     for split, per_class in result.counts.items():
         for label, n in per_class.items():
             assert len(list((out / split / label).rglob("*.*"))) == n
