@@ -336,7 +336,7 @@ class PrepareOwnConfig(PrepareConfig):
         "group if it has one) stay on one side of the split, e.g. '^(.+)_frame\\d+' for frames of one video",
         metavar="REGEX",
     )
-    dup_radius: int = opt(10, "near duplicates: at most this many of the 256 dhash bits differ (0: exact copies only)")
+    dup_radius: int = opt(16, "near duplicates: at most this many of the 256 phash bits differ (0: exact copies only)")
     min_per_class: int = opt(20, "warn about classes with fewer images than this")
     overwrite: bool = opt(False, "replace a non-empty --out (after the new tree is complete)")
 

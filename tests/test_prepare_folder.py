@@ -21,13 +21,14 @@ from common.owndata.dataset import prepare_own
 from common.owndata.dedup import HASH_BITS, image_hash, near_pairs
 from tests.conftest import run_cli, scan_splits
 
-RADIUS = 10
+RADIUS = config.PrepareOwnConfig.dup_radius
 
 
 def smooth_image(rng: np.random.Generator, size: int = 96) -> Image.Image:
-    """A smooth random picture (bicubic upscale of 6x6 colours): unlike noise, its resized and re-compressed
-    copies keep their difference hash, as photographs do; two such pictures differ in 47+ of 256 bits."""
-    return Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize((size, size), Image.BICUBIC)
+    """A random picture (bicubic upscale of 16x16 colours) with detail at every frequency the perceptual hash
+    reads, as photographs have: its resized and re-compressed copies stay within 4 of 256 bits, two such
+    pictures 100+ apart. (A 6x6 upscale is too smooth: the hash's upper frequencies are then noise.)"""
+    return Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).resize((size, size), Image.BICUBIC)
 
 
 def make_raw(root: Path, seed: int = 0) -> dict:

@@ -29,7 +29,7 @@ from common.data.checks import CACHE_NAME
 from common.data.dali_decode import require_dali
 from common.data.folders import LABEL_SEPARATOR, split_labels, write_labels_csv
 from common.errors import UserError
-from common.owndata.dedup import HASH_BYTES, UnionFind, duplicate_groups, image_hash
+from common.owndata.dedup import HASH_BYTES, UnionFind, duplicate_groups, file_hash
 from common.owndata.progress import Progress
 
 log = logging.getLogger("convnets")
@@ -139,7 +139,7 @@ def list_csv(csv_path: Path, root: Path | None, multi_label: bool = False) -> tu
 
 def _inspect(path: str) -> tuple[str | None, int, int, int, bytes | None]:
     """``(why it cannot be used or None, width, height, bytes, hash)``: runs in a worker process."""
-    from PIL import Image, ImageOps
+    from PIL import Image
 
     if not os.path.isfile(path):
         return "no such file", 0, 0, 0, None
@@ -148,8 +148,7 @@ def _inspect(path: str) -> tuple[str | None, int, int, int, bytes | None]:
         return reason, width, height, 0, None
     try:
         with Image.open(path) as im:
-            im.draft("L", (64, 64))  # JPEG: decode at a reduced scale, the hash sees 17x16 pixels anyway
-            digest = image_hash(ImageOps.exif_transpose(im))
+            digest = file_hash(im)
     except Exception as e:  # noqa: BLE001 - a file the check passed but hashing cannot read: left out, named
         return f"cannot hash ({type(e).__name__}: {e})", width, height, 0, None
     return None, width, height, os.path.getsize(path), digest

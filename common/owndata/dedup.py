@@ -1,6 +1,12 @@
-"""Exact and near duplicates by perceptual difference hash.
+"""Exact and near duplicates by perceptual hash.
 
-``imagehash.dhash`` with ``hash_size=16`` gives 256 bits that change little under resizing and re-compression.
+``imagehash.phash`` with ``hash_size=16`` (the signs of the 16x16 lowest frequencies of a 64x64 grayscale
+image's DCT against their median) gives 256 bits that change little under resizing and re-compression. It
+replaced the difference hash (``dhash``, signs of neighbouring pixels' differences), whose bits in flat regions
+flip with resampling noise, and which sees mostly the outline of an object on a plain background: on
+scikit-image's photos, dhash kept resized copies up to 17 bits apart, and it put different Fashion-MNIST
+trousers within 10 bits of each other (pixels 6-12 grey levels apart on average); phash keeps the copies within
+12 bits and the nearest two of 3,000 Fashion-MNIST training images 30 bits apart.
 Pairs within a Hamming radius are found with faiss's multi-index hashing (``IndexBinaryMultiHash``): the 256 bits
 are cut into ``radius + 1`` substrings, and by pigeonhole two hashes within ``radius`` bits agree exactly on at
 least one substring, so a query only compares against the codes sharing one of its substrings (hash-table
@@ -15,14 +21,30 @@ import numpy as np
 HASH_SIZE = 16
 HASH_BITS = HASH_SIZE * HASH_SIZE
 HASH_BYTES = HASH_BITS // 8
+# JPEGs are decoded through ``draft`` at the coarsest DCT scale (1/1 to 1/8) that keeps at least this many pixels
+# a side: 16 times the hash grid, whatever the file's own size. An image and its resized copy then both reach
+# the hash's Lanczos reduction from well above its 64x64 input, within a factor of two of each other. Drafting
+# near the grid instead (64 px) decoded an image and its half-size copy at different DCT scales, and their
+# hashes drifted apart (dhash: up to 26 bits on scikit-image's photos and their 1/2, 1/3, 2x, quality-55 and
+# PNG copies, where a full decode kept them within 15); at 256 px the hash is a full decode's within 2 bits, at
+# about a third of its decode time for photos of 300 to 3,000 px.
+DECODE_SIZE = 256
 
 
 def image_hash(image) -> bytes:
-    """The 256-bit difference hash of a PIL image, as 32 bytes."""
+    """The 256-bit perceptual hash of a PIL image, as 32 bytes."""
     import imagehash
 
-    bits = imagehash.dhash(image, hash_size=HASH_SIZE).hash.reshape(-1)
+    bits = imagehash.phash(image, hash_size=HASH_SIZE).hash.reshape(-1)
     return np.packbits(bits).tobytes()
+
+
+def file_hash(image) -> bytes:
+    """:func:`image_hash` of an opened, not yet loaded, image file: decoded at :data:`DECODE_SIZE`, upright."""
+    from PIL import ImageOps
+
+    image.draft("L", (DECODE_SIZE, DECODE_SIZE))
+    return image_hash(ImageOps.exif_transpose(image))
 
 
 def near_pairs(hashes: np.ndarray, radius: int) -> list[tuple[int, int, int]]:
