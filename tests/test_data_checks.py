@@ -7,6 +7,8 @@ import importlib.util
 import logging
 import os
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -15,7 +17,7 @@ from common import prepare
 from common.data import checks, drop_bad_images, find_bad_images
 from common.errors import UserError
 from common.prepare import check_tree
-from tests.conftest import scan_splits
+from tests.conftest import ROOT, scan_splits
 
 
 def small_tree(root, n: int = 6):
@@ -91,6 +93,19 @@ def test_training_check_after_prepare_fashion_mnist_decodes_nothing(tmp_path, ch
     # The verdicts recorded without a decode are the ones a decode gives.
     files = train.files + val.files
     assert find_bad_images(files, full=True, dali=importlib.util.find_spec("nvidia.dali") is not None) == {}
+
+
+def test_prepare_check_needs_no_torch(tmp_path):
+    """``convnets prepare --check DIR`` reads images and the cache only: torch, most of a command's start-up, is
+    made unimportable here, and both the first check (decodes) and the next (cached verdicts) still succeed."""
+    root = small_tree(tmp_path)
+    without_torch = "import runpy, sys; sys.modules['torch'] = None; runpy.run_module('common', run_name='__main__')"
+    for run in ("first", "cached"):
+        proc = subprocess.run([sys.executable, "-c", without_torch, "prepare", "--check", str(root)],
+                              capture_output=True, text=True, cwd=ROOT, timeout=300)  # fmt: skip
+        assert proc.returncode == 0, f"{run} check:\n{proc.stdout}\n{proc.stderr}"
+        assert "checked 12 image files" in proc.stdout + proc.stderr
+    assert "verdicts cached" not in proc.stdout  # the second check found every verdict in the cache
 
 
 def test_a_header_check_is_cached_then_deepened(tmp_path, check_decodes):
