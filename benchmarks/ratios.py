@@ -103,7 +103,7 @@ def _onnx_session(model: torch.nn.Module, arch: str, size: int, device: torch.de
     import onnxruntime as ort
 
     from common.serving.export import onnx_bytes
-    from common.serving.model import ModelMetadata
+    from common.serving.metadata import ModelMetadata
 
     meta = ModelMetadata(arch, [str(i) for i in range(1000)], size, size, [0.0] * 3, [1.0] * 3)
     data = onnx_bytes(model, meta, max_batch_size=64)

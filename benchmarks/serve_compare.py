@@ -45,7 +45,8 @@ LITSERVE_APP = r"""
 import sys, numpy as np, torch, litserve as ls
 sys.path.insert(0, sys.argv[4])
 import base64
-from common.serving.model import ImageDecoder, load_checkpoint_model
+from common.serving.export import load_checkpoint_model
+from common.serving.model import ImageDecoder
 
 class Classifier(ls.LitAPI):
     def setup(self, device):
@@ -224,7 +225,7 @@ def main() -> None:
     import torch
 
     from common.benchmark import device_name
-    from common.serving.model import load_checkpoint_model
+    from common.serving.export import load_checkpoint_model
 
     workdir = Path(tempfile.mkdtemp(prefix="serve_compare_"))
     checkpoint = args.checkpoint or str(make_checkpoint(workdir / "resnet18.pt"))

@@ -219,6 +219,13 @@ def _write(out: Path, name: str, result: dict, env: dict, command: str) -> Path:
     return path
 
 
+def choose_precisions(asked: tuple[str, ...] | None, supported: list[str]) -> tuple[list[str], list[str]]:
+    """``(timed, skipped)``: the precisions asked for (every supported one when None) that the device runs natively,
+    and those asked for that it does not."""
+    chosen = [p for p in (asked or supported) if p in supported]
+    return chosen, sorted(set(asked or ()) - set(chosen))
+
+
 def _say(text: str) -> None:
     print(text, flush=True)
 
@@ -232,8 +239,7 @@ def run(plan: Plan, args: argparse.Namespace) -> list[Path]:
     out = args.out or RESULTS / env["device_slug"]
     out.mkdir(parents=True, exist_ok=True)
     command = "python -m benchmarks.suite " + shlex.join(sys.argv[1:])
-    chosen = [p for p in (plan.precisions or precisions(device)) if p in precisions(device)]
-    skipped = sorted(set(plan.precisions or ()) - set(chosen))
+    chosen, skipped = choose_precisions(plan.precisions, precisions(device))
     if skipped:
         _say(f"suite: {', '.join(skipped)} not supported natively on {device}: skipped")
     _say(f"suite: {env.get('gpu_name', env['cpu_model'])}, precisions {', '.join(chosen)}, "

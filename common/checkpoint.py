@@ -1,21 +1,20 @@
-"""Checkpoints: atomic writes, rotation, and loading that never unpickles arbitrary objects."""
+"""Checkpoints: atomic saves (on common.atomic), rotation, and loading that never unpickles arbitrary objects."""
 
 from __future__ import annotations
 
 import logging
-import os
 import pickle
 import random
 import re
-import tempfile
 import zipfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import torch
 
+# atomic_write_text lives with atomic_write in common.atomic (torch-free); imported here too, where the writers of
+# results and reports have long found it.
+from common.atomic import atomic_write, atomic_write_text  # noqa: F401
 from common.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -23,39 +22,9 @@ log = logging.getLogger(__name__)
 EPOCH_PATTERN = re.compile(r"^checkpoint_epoch_(\d+)\.pt$")
 
 
-def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """``write(f)`` into a temporary file in the same folder, fsync it, then rename it over ``path``.
-
-    A crash at any moment leaves either the old file or the new one, never a torn one; a failing ``write``
-    leaves the old file and no temporary one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename itself must reach the disk
-    finally:
-        os.close(dir_fd)
-
-
 def atomic_save(obj, path: Path) -> None:
     """``torch.save`` atomically (see :func:`atomic_write`)."""
     atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a text file atomically (see :func:`atomic_write`)."""
-    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:

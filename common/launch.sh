@@ -8,13 +8,19 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/python.sh"
 procs="${1:?usage: common/launch.sh PROCS SUBCOMMAND [ARGS...]}"
 shift
+help=0
+for arg in "$@"; do [[ "$arg" == -h || "$arg" == --help ]] && help=1; done
 # A recipe can set RECIPE_NOTE (costs, caveats) to be shown above the engine's --help.
-if [[ -n "${RECIPE_NOTE:-}" ]]; then
-  for arg in "$@"; do
-    if [[ "$arg" == -h || "$arg" == --help ]]; then printf '%s\n\n' "$RECIPE_NOTE"; break; fi
-  done
-fi
+if [[ -n "${RECIPE_NOTE:-}" && "$help" == 1 ]]; then printf '%s\n\n' "$RECIPE_NOTE"; fi
 nnodes="${NNODES:-1}"
+# Several processes on a machine without an NVIDIA driver (the probe the recipe launchers use) would otherwise
+# start quietly on the CPU: say so once, with the way out. --help starts no training, so it gets no line.
+if [[ "$procs" != 1 && "$help" == 0 && ! -e /proc/driver/nvidia/version && ! -e /dev/nvidia0 ]]; then
+  echo "launch.sh: no NVIDIA GPU found (no /proc/driver/nvidia/version or /dev/nvidia0): starting $procs" \
+    "processes on the CPU instead, sharing its $(nproc 2>/dev/null || echo '?') cores over gloo;" \
+    "for one process use the recipe's train_1gpu.sh (or common/launch.sh 1 ...); in a container, pass the GPUs" \
+    "in (docker run --gpus all)" >&2
+fi
 if [[ "$procs" == 1 && "$nnodes" == 1 ]]; then
   exec "$PYTHON" -m common "$@"
 fi

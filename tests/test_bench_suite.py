@@ -133,11 +133,31 @@ def test_interleaved_ratios_are_medians_over_the_baseline():
     assert result["img_s_median"] == {"base": 11.0, "fast": 33.0} and result["ratio_to_baseline"]["fast"] == 3.0
 
 
-def test_tiny_real_run_writes_complete_results(tmp_path):
-    argv = ["--models", "resnet18", "--train-batch-sizes", "2", "--inference-batch-sizes", "1", "--image-size", "32",
+# fp32 pinned: unpinned, the suite also times amp-bf16 on a CPU with native bf16, and the files written would depend
+# on which CPU the tests land on.
+TINY_RUN = ["--models", "resnet18", "--train-batch-sizes", "2", "--inference-batch-sizes", "1", "--image-size", "32",
             "--iterations", "2", "--warmup", "1", "--repeats", "2", "--pipelines", "", "--no-grid", "--no-ratios",
-            "--device", "cpu", "--out", str(tmp_path / "cpu")]  # fmt: skip
-    plan, args = suite.parse_args(argv)
+            "--device", "cpu", "--precisions", "fp32"]  # fmt: skip
+NO_BF16, NATIVE_BF16 = {"avx2", "avx512f"}, {"avx512f", "avx512_bf16"}
+
+
+@pytest.mark.parametrize("flags", [NO_BF16, NATIVE_BF16], ids=["no-bf16", "native-bf16"])
+def test_suite_times_the_precisions_asked_for_whatever_the_cpu(monkeypatch, flags):
+    import torch
+
+    monkeypatch.setattr(environment, "cpu_flags", lambda: flags)
+    supported = environment.precisions(torch.device("cpu"))
+    plan, _ = suite.parse_args(TINY_RUN)
+    assert suite.choose_precisions(plan.precisions, supported) == (["fp32"], [])
+    plan, _ = suite.parse_args([a for a in TINY_RUN if a not in ("--precisions", "fp32")])
+    assert suite.choose_precisions(plan.precisions, supported) == (supported, [])
+    assert suite.choose_precisions(("fp32", "amp-fp16"), supported) == (["fp32"], ["amp-fp16"])
+
+
+def test_tiny_real_run_writes_complete_results(tmp_path, monkeypatch):
+    # As on a CPU with native bf16 (where this test once found four files): the pinned fp32 is all that runs.
+    monkeypatch.setattr(environment, "cpu_flags", lambda: NATIVE_BF16)
+    plan, args = suite.parse_args([*TINY_RUN, "--out", str(tmp_path / "cpu")])
     written = suite.run(plan, args)
     assert sorted(p.name for p in written) == [
         "suite_inference_resnet18_fp32_bs1_synthetic_32px.json", "suite_train_resnet18_fp32_bs2_synthetic_32px.json"

@@ -3,16 +3,21 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
+import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from common.data import checks, drop_bad_images
+from common import prepare
+from common.data import checks, drop_bad_images, find_bad_images
 from common.errors import UserError
 from common.prepare import check_tree
-from tests.conftest import scan_splits
+from tests.conftest import ROOT, scan_splits
 
 
 def small_tree(root, n: int = 6):
@@ -58,6 +63,49 @@ def test_training_and_prepare_check_share_the_cache(tmp_path, check_decodes):
     # evaluate --data DATA checks DATA/val alone: still the root's cache, no decode.
     drop_bad_images(scan_splits(root)[1:], "full", skip_bad=False, workers=1, dali=True)
     assert check_decodes == {"header": 0, "full": 12, "dali": 12}
+
+
+def write_idx(path, array: np.ndarray) -> None:
+    """An IDX file as Fashion-MNIST ships them: two zero bytes, the type (8: uint8), the rank, the big-endian
+    dimensions, then the values."""
+    path.write_bytes(b"\0\0\x08" + bytes([array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+                     + array.tobytes())  # fmt: skip
+
+
+def test_training_check_after_prepare_fashion_mnist_decodes_nothing(tmp_path, check_decodes, caplog):
+    rng = np.random.default_rng(0)
+    source = tmp_path / "idx"
+    source.mkdir()
+    for split, n in (("train", 12), ("val", 5)):  # a small stand-in for the 60,000 + 10,000 images
+        image_file, label_file = prepare.FASHION_MNIST_FILES[split]
+        write_idx(source / image_file, rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+        write_idx(source / label_file, (np.arange(n) % 10).astype(np.uint8))
+    out = tmp_path / "fashion-mnist"
+    assert prepare.prepare_fashion_mnist(out, source, workers=1) == {"train": 12, "val": 5}
+    assert (out / checks.CACHE_NAME).is_file()
+
+    for dali in (True, False):  # a DALI training run's check, then a pytorch one's
+        with caplog.at_level(logging.INFO, logger="common.data.checks"):
+            train, val = drop_bad_images(scan_splits(out), "auto", skip_bad=False, workers=1, dali=dali)
+        assert "image check: full (all 17 files have a cached verdict)" in caplog.text
+        assert check_decodes == {"header": 0, "full": 0, "dali": 0}
+        assert len(train) == 12 and len(val) == 5 and train.sizes.tolist() == [[28, 28]] * 12
+    # The verdicts recorded without a decode are the ones a decode gives.
+    files = train.files + val.files
+    assert find_bad_images(files, full=True, dali=importlib.util.find_spec("nvidia.dali") is not None) == {}
+
+
+def test_prepare_check_needs_no_torch(tmp_path):
+    """``convnets prepare --check DIR`` reads images and the cache only: torch, most of a command's start-up, is
+    made unimportable here, and both the first check (decodes) and the next (cached verdicts) still succeed."""
+    root = small_tree(tmp_path)
+    without_torch = "import runpy, sys; sys.modules['torch'] = None; runpy.run_module('common', run_name='__main__')"
+    for run in ("first", "cached"):
+        proc = subprocess.run([sys.executable, "-c", without_torch, "prepare", "--check", str(root)],
+                              capture_output=True, text=True, cwd=ROOT, timeout=300)  # fmt: skip
+        assert proc.returncode == 0, f"{run} check:\n{proc.stdout}\n{proc.stderr}"
+        assert "checked 12 image files" in proc.stdout + proc.stderr
+    assert "verdicts cached" not in proc.stdout  # the second check found every verdict in the cache
 
 
 def test_a_header_check_is_cached_then_deepened(tmp_path, check_decodes):

@@ -388,6 +388,30 @@ def test_launch_sh_multi_node_uses_the_c10d_rendezvous(tmp_path):
     assert proc.returncode != 0 and "MASTER_ADDR must be set" in proc.stderr
 
 
+@pytest.mark.parametrize("recipe", ["resnet50", "mobilenet", "vgg"])
+def test_launch_sh_says_when_several_processes_start_on_the_cpu(tmp_path, recipe):
+    fake_bin(tmp_path, "python", 'printf "%s\\n" "$@"\n')
+    env = {**os.environ, "PYTHON": str(tmp_path / "python")}
+    env.pop("NNODES", None)
+
+    def launch(script: str, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(ROOT / recipe / script), *args], capture_output=True, text=True, env=env,
+                              check=True)  # fmt: skip
+
+    eight = launch("train_8gpu.sh", "--epochs", "1")
+    assert "--nproc-per-node\n8\n" in eight.stdout
+    # The line is about this machine: CI with a GPU (the same probe as the recipes') must not print it.
+    if Path("/proc/driver/nvidia/version").exists() or Path("/dev/nvidia0").exists():
+        assert "no NVIDIA GPU found" not in eight.stderr
+    else:
+        (line,) = eight.stderr.splitlines()
+        assert line.startswith("launch.sh: no NVIDIA GPU found") and "starting 8 processes on the CPU" in line
+        assert "train_1gpu.sh" in line
+    # One process, or --help (nothing starts), say nothing.
+    assert launch("train_1gpu.sh", "--epochs", "1").stderr == ""
+    assert "no NVIDIA GPU found" not in launch("train_8gpu.sh", "--help").stderr
+
+
 def test_slurm_runs_one_task_per_node_with_the_rendezvous_at_the_first_node(tmp_path):
     # Fake Slurm commands: scontrol expands the node list, srun prints what it would run.
     fake_bin(tmp_path, "scontrol", 'printf "gpu-a07\\ngpu-a08\\ngpu-a09\\n"\n')

@@ -25,7 +25,7 @@ def checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def torch_model(checkpoint):
-    from common.serving.model import load_checkpoint_model
+    from common.serving.export import load_checkpoint_model
 
     model, _ = load_checkpoint_model(str(checkpoint), torch.device("cpu"))
     return model

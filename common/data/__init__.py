@@ -10,11 +10,10 @@ contract (see :mod:`common.data.spec`).
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
-
-import torch
 
 from common.data.checks import (
     CheckCache,
@@ -26,24 +25,57 @@ from common.data.checks import (
     inspect_image,
 )
 from common.data.dali_decode import dali_reason, dali_undecodable
-from common.data.dali_loader import DaliLoader
 from common.data.folders import IMG_EXTENSIONS, ImageList, image_files, log_ignored, scan_split
-from common.data.pytorch_loader import BadImageError, PytorchLoader, eval_transform, load_rgb
-from common.data.sampling import (
-    counter_uniforms,
-    epoch_permutation,
-    eval_shard,
-    random_resized_crop_window,
-    shard_indices,
-    train_augmentation,
-    train_shard,
-)
-from common.data.spec import IMAGENET_MEAN, IMAGENET_STD, Loader, Normalizer, PipelineSpec
-from common.data.synthetic import SyntheticLoader
 from common.errors import UserError
 
 if TYPE_CHECKING:
+    import torch
+
     from common.config import TrainConfig
+    from common.data.dali_loader import DaliLoader
+    from common.data.pytorch_loader import BadImageError, PytorchLoader, eval_transform, load_rgb
+    from common.data.sampling import (
+        counter_uniforms,
+        epoch_permutation,
+        eval_shard,
+        random_resized_crop_window,
+        shard_indices,
+        train_augmentation,
+        train_shard,
+    )
+    from common.data.spec import IMAGENET_MEAN, IMAGENET_STD, Loader, Normalizer, PipelineSpec
+    from common.data.synthetic import SyntheticLoader
+
+# The loaders and what they share need torch; the checks and folder scans above do not, and `convnets prepare
+# --check` must not pay torch's import (most of its start-up) for names it never uses. These are imported on
+# first use instead (PEP 562); code in this package imports them from their modules.
+_LAZY = {
+    "DaliLoader": "dali_loader",
+    **dict.fromkeys(("BadImageError", "PytorchLoader", "eval_transform", "load_rgb"), "pytorch_loader"),
+    **dict.fromkeys(
+        (
+            "counter_uniforms",
+            "epoch_permutation",
+            "eval_shard",
+            "random_resized_crop_window",
+            "shard_indices",
+            "train_augmentation",
+            "train_shard",
+        ),
+        "sampling",
+    ),  # fmt: skip
+    **dict.fromkeys(("IMAGENET_MEAN", "IMAGENET_STD", "Loader", "Normalizer", "PipelineSpec"), "spec"),
+    "SyntheticLoader": "synthetic",
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    globals()[name] = value  # found directly from now on
+    return value
+
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "IMG_EXTENSIONS", "BadImageError", "CheckCache", "DaliLoader", "DataBundle",
@@ -63,6 +95,10 @@ def build_loader(
     backend: str, images: ImageList, spec: PipelineSpec, train: bool, device, rank: int = 0, world: int = 1
 ) -> Loader:
     """The loader for one split on the chosen backend (``synthetic`` keeps the split's batch count)."""
+    from common.data.dali_loader import DaliLoader
+    from common.data.pytorch_loader import PytorchLoader
+    from common.data.synthetic import SyntheticLoader
+
     if backend == "dali-gpu" and device.type != "cuda":
         raise UserError("--data-backend dali-gpu needs a GPU; use dali-cpu or pytorch on this machine")
     if backend in ("dali-gpu", "dali-cpu"):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.checkpoint import atomic_write
+from common.atomic import atomic_write
 from common.data.dali_decode import dali_undecodable
 from common.data.folders import ImageList
 from common.errors import UserError

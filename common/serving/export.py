@@ -1,5 +1,6 @@
 """``convnets export``: a checkpoint to ONNX, TorchScript, a torch.export program or a TensorRT engine, each with
-its class names and preprocessing (convnets.json, labels.txt), and optionally a Triton model repository."""
+its class names and preprocessing (convnets.json, labels.txt), and optionally a Triton model repository. The graph
+every export starts from, :func:`load_checkpoint_model`, is also what ``serve --checkpoint`` runs (in memory)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ import torch
 
 from common.checkpoint import atomic_write_text
 from common.errors import UserError
+from common.evaluation import class_probabilities
 from common.serving.config import ExportConfig
-from common.serving.model import LABELS_FILE, METADATA_FILE, ModelMetadata, load_checkpoint_model
+from common.serving.metadata import LABELS_FILE, METADATA_FILE, ModelMetadata
 
 log = logging.getLogger("convnets")
 
@@ -30,6 +32,41 @@ MODEL_FILES = {
 # Triton's PyTorch (libtorch) backend maps tensors to TorchScript arguments by the `<name>__<index>` convention.
 TORCHSCRIPT_NAMES = ("input__0", "probabilities__0")
 TRITON_PLATFORMS = {"onnx": "onnxruntime_onnx", "torchscript": "pytorch_libtorch", "tensorrt": "tensorrt_plan"}
+
+
+class WithProbabilities(torch.nn.Module):
+    """The exported graph ends in probabilities over the named classes (a softmax, or a sigmoid per label for a
+    multi-label model), so a Triton client needs no post-processing (a model trained with a larger
+    ``--num-classes`` than it had class folders has outputs that no name belongs to: they are left out)."""
+
+    def __init__(self, model: torch.nn.Module, num_named: int, multilabel: bool = False):
+        super().__init__()
+        self.model, self.num_named, self.multilabel = model, num_named, multilabel
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - the name becomes the graph's input name
+        return class_probabilities(self.model(input), self.num_named, self.multilabel)
+
+
+def load_checkpoint_model(path: str, device: torch.device) -> tuple[torch.nn.Module, ModelMetadata]:
+    """The trained classifier (ending in probabilities) and its metadata, rebuilt as ``evaluate`` rebuilds it."""
+    from common.data import IMAGENET_MEAN, IMAGENET_STD
+    from common.inference import load_trained
+
+    if not Path(path).is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    trained = load_trained(path, device)
+    meta = ModelMetadata(
+        arch=trained.config["arch"],
+        classes=trained.classes,
+        image_size=trained.pipeline.image_size,
+        resize_size=trained.pipeline.resize_size,
+        mean=list(IMAGENET_MEAN),
+        std=list(IMAGENET_STD),
+        channels_last=trained.pipeline.channels_last,
+        multilabel=trained.multilabel,
+        thresholds=trained.thresholds if trained.multilabel else None,
+    )
+    return WithProbabilities(trained.model, len(trained.classes), trained.multilabel).eval(), meta
 
 
 def _example(meta: ModelMetadata, batch: int = 2) -> torch.Tensor:

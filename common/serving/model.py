@@ -1,93 +1,20 @@
-"""What the server runs: a model (PyTorch or ONNX Runtime) that maps a normalised batch to probabilities, the
-metadata that travels with every export, and the decoding of image bytes exactly as ``convnets evaluate`` does."""
+"""What the server runs: a model (PyTorch or ONNX Runtime) that maps a normalised batch to probabilities, and the
+decoding of image bytes exactly as ``convnets evaluate`` does. The metadata beside every export is
+:mod:`common.serving.metadata`'s; a checkpoint becomes a servable graph in :mod:`common.serving.export`."""
 
 from __future__ import annotations
 
 import io
-import json
 import logging
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from common.errors import UserError
-from common.evaluation import class_probabilities
+from common.serving.metadata import ModelMetadata
 
 log = logging.getLogger("convnets")
-
-METADATA_FILE = "convnets.json"
-LABELS_FILE = "labels.txt"
-
-
-@dataclass
-class ModelMetadata:
-    """Everything needed to serve an exported model correctly without the training checkpoint."""
-
-    arch: str
-    classes: list[str]
-    image_size: int
-    resize_size: int
-    mean: list[float]
-    std: list[float]
-    input_name: str = "input"
-    output_name: str = "probabilities"
-    channels_last: bool = False
-    format: str = "checkpoint"
-    model_file: str | None = None
-    # Multi-label models: the probabilities are a sigmoid per label, and a label applies at or above its threshold
-    # (tuned on the validation set in training).
-    multilabel: bool = False
-    thresholds: list[float] | None = None
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
-
-    @classmethod
-    def read(cls, folder: Path) -> ModelMetadata:
-        path = Path(folder) / METADATA_FILE
-        if not path.is_file():
-            raise UserError(f"{folder} holds no {METADATA_FILE}: is it a folder written by `convnets export`?")
-        try:
-            return cls(**json.loads(path.read_text()))
-        except (ValueError, TypeError) as e:
-            raise UserError(f"{path} is not a valid export description: {e}") from None
-
-
-class WithProbabilities(torch.nn.Module):
-    """The exported graph ends in probabilities over the named classes (a softmax, or a sigmoid per label for a
-    multi-label model), so a Triton client needs no post-processing (a model trained with a larger
-    ``--num-classes`` than it had class folders has outputs that no name belongs to: they are left out)."""
-
-    def __init__(self, model: torch.nn.Module, num_named: int, multilabel: bool = False):
-        super().__init__()
-        self.model, self.num_named, self.multilabel = model, num_named, multilabel
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - the name becomes the graph's input name
-        return class_probabilities(self.model(input), self.num_named, self.multilabel)
-
-
-def load_checkpoint_model(path: str, device: torch.device) -> tuple[torch.nn.Module, ModelMetadata]:
-    """The trained classifier (ending in probabilities) and its metadata, rebuilt as ``evaluate`` rebuilds it."""
-    from common.data import IMAGENET_MEAN, IMAGENET_STD
-    from common.inference import load_trained
-
-    if not Path(path).is_file():
-        raise UserError(f"checkpoint {path} does not exist")
-    trained = load_trained(path, device)
-    meta = ModelMetadata(
-        arch=trained.config["arch"],
-        classes=trained.classes,
-        image_size=trained.pipeline.image_size,
-        resize_size=trained.pipeline.resize_size,
-        mean=list(IMAGENET_MEAN),
-        std=list(IMAGENET_STD),
-        channels_last=trained.pipeline.channels_last,
-        multilabel=trained.multilabel,
-        thresholds=trained.thresholds if trained.multilabel else None,
-    )
-    return WithProbabilities(trained.model, len(trained.classes), trained.multilabel).eval(), meta
 
 
 class TorchRuntime:
@@ -129,12 +56,12 @@ def load_runtime(checkpoint: str | None, model_dir: str | None, runtime: str, de
             dev = resolve_device(device)
             return TorchRuntime(torch.jit.load(str(path), map_location=dev).eval(), meta, dev)
         raise UserError(f"serve --model-dir takes an onnx or torchscript export; {model_dir} holds {meta.format}")
+    from common.serving.export import load_checkpoint_model, onnx_bytes  # a checkpoint: exported in memory
+
     dev = resolve_device(device if runtime == "torch" else "cpu")
     model, meta = load_checkpoint_model(checkpoint, dev)
     if runtime == "torch":
         return TorchRuntime(model, meta, dev)
-    from common.serving.export import onnx_bytes
-
     log.info("exporting %s to ONNX for onnxruntime", checkpoint)
     return OnnxRuntime(onnx_bytes(model, meta), meta)
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from common.errors import UserError
-from common.serving.model import ModelMetadata
+from common.serving.metadata import ModelMetadata
 
 log = logging.getLogger("convnets")
 
