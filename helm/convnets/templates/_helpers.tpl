@@ -91,8 +91,32 @@ priorityClassName: {{ . }}
     {{- range .Values.train.args }}
     - {{ . | quote }}
     {{- end }}
+    {{- with .Values.tracking }}
+    {{- if .mlflowUri }}
+    - --mlflow
+    {{- end }}
+    {{- if .experiment }}
+    - --experiment
+    - {{ .experiment | quote }}
+    {{- end }}
+    {{- if .logModel }}
+    - --mlflow-model
+    {{- end }}
+    {{- if .tensorboard }}
+    - --tensorboard
+    {{- end }}
+    {{- end }}
+  {{- with .Values.tracking.credentialsSecret }}
+  envFrom:
+    - secretRef:
+        name: {{ . }}
+  {{- end }}
   env:
     {{- include "convnets.env" . | nindent 4 }}
+    {{- with .Values.tracking.mlflowUri }}
+    - name: MLFLOW_TRACKING_URI
+      value: {{ . | quote }}
+    {{- end }}
     - name: NNODES
       value: {{ .Values.train.nnodes | quote }}
     - name: NPROC_PER_NODE
