@@ -106,11 +106,6 @@ priorityClassName: {{ . }}
     - --tensorboard
     {{- end }}
     {{- end }}
-  {{- with .Values.tracking.credentialsSecret }}
-  envFrom:
-    - secretRef:
-        name: {{ . }}
-  {{- end }}
   env:
     {{- include "convnets.env" . | nindent 4 }}
     {{- with .Values.tracking.mlflowUri }}
@@ -155,6 +150,12 @@ priorityClassName: {{ . }}
       mountPath: /dev/shm
     - name: tmp
       mountPath: /tmp
+    {{- if .Values.tracking.credentialsSecret }}
+    # MLflow's client reads ~/.mlflow/credentials (HOME is /tmp): the secret as a file, not in the environment.
+    - name: mlflow-credentials
+      mountPath: /tmp/.mlflow
+      readOnly: true
+    {{- end }}
 {{- end -}}
 
 {{- define "convnets.trainVolumes" -}}
@@ -171,4 +172,12 @@ priorityClassName: {{ . }}
     sizeLimit: {{ .Values.train.shmSize }}
 - name: tmp
   emptyDir: {}
+{{- with .Values.tracking.credentialsSecret }}
+- name: mlflow-credentials
+  secret:
+    secretName: {{ . }}
+    items:
+      - key: credentials
+        path: credentials
+{{- end }}
 {{- end -}}
