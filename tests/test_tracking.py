@@ -314,6 +314,7 @@ def test_a_run_reaches_mlflow_and_tensorboard_with_the_values_of_log_json(mlflow
     local = Path(client.download_artifacts(run.info.run_id, "log.json", str(tmp_path)))
     assert local.read_bytes() == (out / "log.json").read_bytes()
 
+    mlflow.set_tracking_uri(mlflow_server.uri)  # the fluent API below: an earlier test may have pointed it elsewhere
     (model,) = client.search_logged_models(experiment_ids=[run.info.experiment_id])
     assert model.source_run_id == run.info.run_id
     info = mlflow.models.get_model_info(f"models:/{model.model_id}")
