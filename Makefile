@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	@{ command -v chromium >/dev/null 2>&1 || apt-get install -y -q chromium >/dev/null 2>&1 \
 	  || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1) \
 	  || echo "note: could not install chromium (needs root and Debian's apt); the browser test will be skipped"; } & \
-	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dali,test,serve,deploy,owndata,bench]' \
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dali,test,serve,deploy,owndata,bench,tracking]' \
 	  && $(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[photos]'; \
 	  status=$$?; wait; exit $$status
 	touch $@

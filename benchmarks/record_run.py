@@ -5,6 +5,8 @@
 
 Reads the run's ``config.json`` and DLLogger ``log.json``: per-epoch loss, top-1/top-5, epoch time and RSS,
 the final top-1, and the command and whole wall time (set-up and start-up checks included) as measured outside.
+A run trained with ``--target-top1`` / ``--target-map`` also records its time to accuracy (MLPerf's measure):
+the target, the epoch that reached it and the training seconds to it (``common/target.py`` says what they count).
 """
 
 from __future__ import annotations
@@ -59,6 +61,10 @@ def main() -> None:
         "python": platform.python_version(),
         "per_epoch": epochs,
     }
+    if "target.epoch" in final:
+        metric = next(k.split(".", 1)[1] for k in final if k in ("target.top1", "target.map"))
+        result["target"] = {"metric": metric, "value": final[f"target.{metric}"], "epoch": final["target.epoch"],
+                            "seconds": final["target.seconds"]}  # fmt: skip
     out = RESULTS / ("cpu" if device.type == "cpu" else device_name(device).replace(" ", "-"))
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / f"train_{args.name}.json", json.dumps(result, indent=2))

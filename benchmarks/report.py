@@ -144,9 +144,12 @@ def _synthetic(points: list[dict]) -> list[dict]:
 
 
 def _accuracy(runs: list[dict]) -> dict[str, dict]:
-    """Best top-1 per model over the training runs of all devices (the run's file is linked)."""
+    """Best top-1 per model over the training runs of all devices (the run's file is linked); a run given a target
+    stopped at it and is in the time-to-accuracy table instead."""
     best: dict[str, dict] = {}
     for r in runs:
+        if r.get("target"):
+            continue
         model = _model(r)
         if model not in best or r["final_top1"] > best[model]["final_top1"]:
             best[model] = r
@@ -182,6 +185,29 @@ def summary_table(dev: Device, accuracy: dict[str, dict]) -> list[str]:
         lines.append(f"| {model} | {precision} | {size} | {cells[0]} | {cells[1]} | "
                      f"{_fmt(bs1['latency_ms']['p99']) if bs1 else '—'} | {acc} | {params} | {macs} |")  # fmt: skip
     return lines
+
+
+def time_to_accuracy_table(devices: list[Device]) -> list[str]:
+    """Training runs that had a target (``--target-top1``/``--target-map``): the epoch and seconds to reach it."""
+    rows = [(dev, r) for dev in devices for r in dev.runs if r.get("target")]
+    if not rows:
+        return []
+    lines = [
+        "## Time to accuracy",
+        "",
+        "Training runs given a target (`--target-top1 X` or `--target-map X`): they stop at the first evaluation "
+        "that reaches it. Seconds are the epoch loop's (training and evaluation, summed over a resumed run's "
+        "attempts), MLPerf's measure; the whole command's wall time, start-up included, beside them.",
+        "",
+        "| model | data set, size | target | reached at epoch | seconds to target | wall s | device | file |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for dev, r in sorted(rows, key=lambda x: (x[0].slug, x[1]["_file"])):
+        t = r["target"]
+        lines.append(f"| {_model(r)} | {_dataset(r)}, {r['image_size']} px | {t['metric']} {t['value']:g}% "
+                     f"| {t['epoch']} (of {r['epochs']}) | {t['seconds']:.1f} | {r['wall_seconds']:.0f} | {dev.label} "
+                     f"| [{Path(r['_file']).name}]({r['_file']}) |")  # fmt: skip
+    return [*lines, ""]
 
 
 def _dataset(run: dict) -> str:
@@ -478,8 +504,9 @@ def _method(devices: list[Device]) -> list[str]:
         "| engine vs plain loop, dali-cpu vs ImageFolder + PIL, on a data set | "
         "`python benchmarks/compare.py --data data/fashion-mnist` | `results/<device>/compare_*.json` |",
         "| serving | `python benchmarks/serve_compare.py` | `results/<device>/serve_compare.json` |",
-        "| training runs (accuracy, wall time, RSS per epoch) | the recipe's launcher with the profile named in the "
-        "file's `command` | `results/<device>/train_*.json` |",
+        "| training runs (accuracy, wall time, RSS per epoch; time to accuracy with a target) | the recipe's "
+        "launcher with the profile named in the file's `command`, then `python benchmarks/record_run.py` "
+        "| `results/<device>/train_*.json` |",
         "",
         "## On a GPU machine",
         "",
@@ -527,6 +554,7 @@ def build(results: Path, out: Path) -> Path:
                   "Left: accuracy and training speed from the same training run. Right: MobileNet v1 over its width "
                   "multiplier and input resolution, the paper's ImageNet top-1 (Howard et al. 2017) against the "
                   "throughput we measured for the same configuration.", ""]  # fmt: skip
+    lines += time_to_accuracy_table(devices)
     lines += ["## Side by side (ratios)", ""]
     for dev in devices:
         if dev.ratios:

@@ -139,7 +139,47 @@ class AugmentConfig:
 
 
 @dataclass
-class TrainConfig(AugmentConfig, DataConfig, ModelConfig, PrecisionConfig, DeviceConfig):
+class TrackingConfig:
+    """Where a run's records go besides log.json (common/tracking/): TensorBoard event files and an MLflow server.
+    Only rank 0 writes; a run resumed with --resume auto continues the same MLflow run and TensorBoard steps."""
+
+    tensorboard: str | None = opt(
+        None,
+        "also write TensorBoard event files to DIR; --tensorboard alone (or 'auto'): <output>/tensorboard",
+        const="auto",
+        metavar="DIR",
+    )
+    mlflow: str | None = opt(
+        None,
+        "also log to the MLflow tracking server (or store) at URI; --mlflow alone (or 'auto'): $MLFLOW_TRACKING_URI",
+        const="auto",
+        metavar="URI",
+    )
+    experiment: str | None = opt(
+        None, "MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME, else convnets)", metavar="NAME"
+    )
+    run_name: str | None = opt(None, "MLflow run name (default: the output folder's name)", metavar="NAME")
+    mlflow_model: bool = opt(
+        False,
+        "also log best.pt as an MLflow PyTorch model with its class names, for the model registry (a checkpoint "
+        "is large: off by default)",
+    )
+    mlflow_timeout: float = opt(
+        60.0,
+        "seconds the end of a run waits for an MLflow server to take what it has not yet taken; past them the rest "
+        "is dropped, with one line saying how much",
+        metavar="S",
+    )
+    target_top1: float | None = opt(
+        None, "stop when validation top-1 first reaches X percent; the time and epoch to it are logged", metavar="X"
+    )
+    target_map: float | None = opt(
+        None, "multi-label data: stop when validation mAP first reaches X percent (as --target-top1)", metavar="X"
+    )
+
+
+@dataclass
+class TrainConfig(TrackingConfig, AugmentConfig, DataConfig, ModelConfig, PrecisionConfig, DeviceConfig):
     freeze_backbone_epochs: int = opt(
         0,
         "two-stage fine-tuning: train only the head for N epochs (backbone BatchNorm frozen), then everything",
@@ -381,7 +421,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
         elif "const" in meta:
             # An option with an optional value (``--compile`` means ``--compile default``) and a --no- form.
             parser.add_argument(flag, nargs="?", const=meta["const"], choices=meta.get("choices"), type=tp,
-                                default=argparse.SUPPRESS, help=helptext, **dest)  # fmt: skip
+                                default=argparse.SUPPRESS, help=helptext, metavar=meta.get("metavar"),
+                                **dest)  # fmt: skip
             parser.add_argument("--no-" + flag[2:], dest=name, action="store_const", const=None,
                                 default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # fmt: skip
         else:
@@ -449,7 +490,7 @@ MINIMUMS = {
     "keep_last": 1, "print_freq": 1, "eval_every": 1, "max_steps_per_epoch": 1, "iterations": 1, "warmup": 0,
     "num_classes": 1, "lr": 0.0, "weight_decay": 0.0, "label_smoothing": 0.0, "mixup": 0.0, "warmup_epochs": 0.0,
     "topk": 1, "freeze_backbone_epochs": 0, "backbone_lr_mult": 0.0, "rotation": 0.0, "color_jitter": 0.0,
-    "random_erasing": 0.0, "images": 1, "samples": 1,
+    "random_erasing": 0.0, "images": 1, "samples": 1, "mlflow_timeout": 0.0, "target_top1": 0.0, "target_map": 0.0,
 }  # fmt: skip
 
 
@@ -470,6 +511,11 @@ def validate(cfg) -> None:
         raise UserError(f"--ema-decay must be between 0 and 1, got {cfg.ema_decay}")
     if getattr(cfg, "lr_step_every", None) is not None and cfg.lr_step_every <= 0:
         raise UserError(f"--lr-step-every must be positive, got {cfg.lr_step_every}")
+    for name in ("target_top1", "target_map"):
+        if getattr(cfg, name, None) is not None and not 0 < getattr(cfg, name) <= 100:
+            raise UserError(f"--{name.replace('_', '-')} is a percentage in (0, 100], got {getattr(cfg, name)}")
+    if getattr(cfg, "target_top1", None) is not None and getattr(cfg, "target_map", None) is not None:
+        raise UserError("--target-top1 is for single-label data, --target-map for multi-label data: pass one")
     if not DEVICE_PATTERN.match(getattr(cfg, "device", "auto")):
         raise UserError(f"--device must be auto, cuda, cuda:N or cpu, got {cfg.device!r}")
     for name, (f, _) in _fields(type(cfg)).items():

@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +44,9 @@ from common.step import (
     resolve_amp,
     unwrap,
 )
-from common.telemetry import host_rss_mb
+from common.target import TimeToTarget
+from common.telemetry import host_rss_mb, system_metrics
+from common.tracking import open_tracker, run_tags
 
 log = logging.getLogger("convnets")
 
@@ -185,11 +187,14 @@ class RunPlan:
 
 @dataclass
 class Progress:
-    """Where the run stands: the next epoch, the best top-1 so far and the optimizer steps taken."""
+    """Where the run stands: the next epoch, the best top-1 so far, the optimizer steps taken, and what the resumed
+    checkpoint kept for the tracking sinks (the MLflow run) and the time to target (``saved``)."""
 
     start_epoch: int = 0
     best: float = 0.0
     global_step: int = 0
+    saved: dict = field(default_factory=dict)
+    target: TimeToTarget = field(default_factory=lambda: TimeToTarget(None, None))
 
 
 def set_up_runtime(cfg: TrainConfig, rt: dist.Runtime) -> TrainConfig:
@@ -269,7 +274,9 @@ def resume(cfg: TrainConfig, ckpts: CheckpointManager, classes: list[str], model
     state, path = resumed
     model.load_state_dict(state["model"])
     opt.load_state_dict(state)
-    progress = Progress(state["epoch"] + 1, state["best_top1"], state["step"])
+    # Checkpoints written before tracking and --target-* have none of these entries.
+    saved = {k: state[k] for k in ("tracking", "elapsed_s", "target") if k in state}
+    progress = Progress(state["epoch"] + 1, state["best_top1"], state["step"], saved)
     restore_rng(state["rng"], rt.rank, rt.world_size, cfg.seed + 1000 * progress.start_epoch)
     log.info("resumed from %s at epoch %d", path, progress.start_epoch)
     if progress.start_epoch >= cfg.epochs:
@@ -324,6 +331,7 @@ def train(cfg: TrainConfig) -> dict:
                              plan.accumulation, spec)  # fmt: skip
     ckpts = CheckpointManager(plan.output, cfg.keep_last)
     progress = resume(cfg, ckpts, data.classes, model, opt, rt)
+    progress.target = TimeToTarget.from_config(cfg, data.multilabel, progress.saved)
     stages = BackboneStages(model, spec, cfg.freeze_backbone_epochs) if cfg.freeze_backbone_epochs else None
     if stages is not None:
         # Before DDP wraps the model: DDP reduces the gradients of the parameters that require them at that time.
@@ -336,19 +344,30 @@ def train(cfg: TrainConfig) -> dict:
                                 cfg.label_smoothing, cfg.balance, rt.device)  # fmt: skip
     step = StepRunner(train_model, criterion, opt, precision, cfg.mixup, cuda_graphs=cfg.compile == "reduce-overhead")
 
-    logger = RunLogger(plan.output / "log.json", enabled=rt.is_main)
+    batches = min(len(data.train), cfg.max_steps_per_epoch or len(data.train))  # the tracking sinks' step unit
+    tracker = None  # only rank 0 writes, on one node or many
+    if rt.is_main:
+        tracker = open_tracker(cfg, plan.output, batches, progress.saved.get("tracking"), progress.start_epoch > 0)
+    logger = RunLogger(plan.output / "log.json", enabled=rt.is_main, tracker=tracker)
     resolved = write_run_config(cfg, plan, data, num_classes, rt, logger)
+    logger.metadata("tags", run_tags(resolved, spec.recipe, data.train_images))
     if rt.is_main:
         log.info(
             "training %s on %s: %d %s, %d train batches/epoch of %d x %d processes, lr %.4g, backend %s",
             cfg.arch, rt.device, num_classes, "labels (multi-label, sigmoid)" if data.multilabel else "classes",
             len(data.train), cfg.batch_size, rt.world_size, plan.lr, plan.backend,
         )  # fmt: skip
+    status = "FAILED"  # what the tracking sinks record as the run's end
     try:
-        return run_epochs(cfg, step, eval_model, data, num_classes, progress, ckpts, resolved, logger, rt, stages,
-                          positive)  # fmt: skip
+        final = run_epochs(cfg, step, eval_model, data, num_classes, progress, ckpts, resolved, logger, rt, stages,
+                           positive)  # fmt: skip
+        status = "FINISHED"
+        return final
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
     finally:
-        logger.close()
+        logger.close(status, plan.output / "log.json")
         dist.cleanup()
 
 
@@ -362,7 +381,12 @@ def run_epochs(cfg: TrainConfig, step: StepRunner, eval_model: nn.Module, data: 
     epoch_steps = steps_per_epoch(cfg, data, opt.accumulation)
     final: dict = {}
     evaluator = evaluate_multilabel if data.multilabel else functools.partial(evaluate, positive=positive)
-    for epoch in range(progress.start_epoch, cfg.epochs):
+    target, result = progress.target, None
+    if target.reached is not None and rt.is_main:
+        log.info("the checkpoint reached the target %s %g%% at epoch %d: nothing to train", target.metric,
+                 target.value, target.reached["epoch"])  # fmt: skip
+    target.start()
+    for epoch in range(progress.start_epoch, cfg.epochs if target.reached is None else 0):
         if stages is not None and epoch == stages.freeze_epochs and epoch > progress.start_epoch:
             # Stage 2: the backbone trains again. DDP and torch.compile wrapped the model with a frozen backbone
             # (DDP would never reduce its gradients), so wrap it anew.
@@ -370,16 +394,19 @@ def run_epochs(cfg: TrainConfig, step: StepRunner, eval_model: nn.Module, data: 
             step.model, eval_model = wrap(model, cfg, rt)
             if rt.is_main:
                 log.info("epoch %d: stage 2, the whole network trains", epoch)
-        metrics = train_one_epoch(step, data.train, epoch, logger, cfg.print_freq, cfg.max_steps_per_epoch,
-                                  rt.world_size, stages)  # fmt: skip
+        with system_metrics(rt.device, rt.is_main) as system:  # GPU utilisation, memory, power (NVML)
+            metrics = train_one_epoch(step, data.train, epoch, logger, cfg.print_freq, cfg.max_steps_per_epoch,
+                                      rt.world_size, stages)  # fmt: skip
         global_step += epoch_steps
         metrics["train.rss_mb"] = host_rss_mb()
+        metrics.update(system)
         result = None
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
             result = evaluator(eval_model, data.val, num_classes, precision)
             metrics.update(result.metrics("val"))
             if opt.ema is not None:  # evaluated eagerly: compiling a second model would double compile time
                 metrics.update(evaluator(opt.ema.module, data.val, num_classes, precision).metrics("val_ema"))
+            metrics.update(target.check(epoch, result.score))  # the same score on every rank: all stop together
         # The best checkpoint is the one with the best top-1, or mAP for multi-label data.
         is_best = result is not None and result.score > best
         best = max(best, result.score) if result is not None else best
@@ -391,12 +418,35 @@ def run_epochs(cfg: TrainConfig, step: StepRunner, eval_model: nn.Module, data: 
             if result is not None and data.multilabel:
                 # Tuned on the validation set at this epoch: predict and evaluate on a test split use them.
                 state["thresholds"] = result.thresholds
+            state.update(target.state(), tracking=logger.tracking_state())
             ckpts.save(state, epoch, is_best)
         dist.barrier()
+        if target.reached is not None:
+            if rt.is_main:
+                log.info("target %s %g%% reached at epoch %d after %.1f s of training: stopping", target.metric,
+                         target.value, epoch, target.reached["seconds"])  # fmt: skip
+            break
     if rt.is_main and final:
         best_name = "val.best_map" if data.multilabel else "val.best_top1"
-        logger.log(tuple(), {k: v for k, v in final.items() if k.startswith("val")} | {best_name: best})
+        logger.log(tuple(), {k: v for k, v in final.items() if k.startswith(("val", "target"))} | {best_name: best})
+        hand_artifacts(logger, ckpts.folder, result, data.classes, resolved["arch"])
     return final
+
+
+def hand_artifacts(logger: RunLogger, output: Path, result, classes: list[str], arch: str) -> None:
+    """The run's files for the tracking sinks: config.json, the last evaluation's confusion matrix (single-label;
+    drawn only when a sink takes it) and best.pt (which the MLflow sink logs as a model when asked)."""
+    if logger.tracker is None:
+        return
+    logger.artifact(output / "config.json")
+    if result is not None and hasattr(result, "confusion"):
+        from common.inference import save_confusion_png
+
+        n = len(classes)
+        path = output / "confusion_matrix.png"
+        save_confusion_png(result.confusion[:n, :n], classes, path, f"{arch}: validation top-1 {result.top1:.2f}%")
+        logger.artifact(path)
+    logger.artifact(output / "best.pt")
 
 
 # Settings a resumed run takes from its checkpoint's optimizer and schedule state, whatever the command says

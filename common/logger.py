@@ -50,8 +50,10 @@ def _format(value) -> str:
 class RunLogger:
     """Writes DLLogger lines ``DLLL {"timestamp", "datetime", "elapsedtime", "type", "step", "data"}``."""
 
-    def __init__(self, path: Path | None, enabled: bool = True):
+    def __init__(self, path: Path | None, enabled: bool = True, tracker=None):
+        """``tracker`` (common.tracking.Tracker, rank 0 only) gets every record too: TensorBoard, MLflow."""
         self.enabled = enabled
+        self.tracker = tracker if enabled else None
         self.start = time.time()
         self.file = None
         self.dllogger = None
@@ -90,23 +92,42 @@ class RunLogger:
     def metadata(self, key: str, meta: dict) -> None:
         if self.enabled:
             self._write("METADATA", "PARAMETER", {key: meta})
+            if self.tracker is not None:
+                self.tracker.metadata(key, meta)
 
     def log(self, step, data: dict, echo: bool = True) -> None:
         """Log ``data`` at ``step`` (a tuple like ``(epoch, iteration)`` or a string such as ``"PARAMETER"``)."""
         if not self.enabled:
             return
         self._write("LOG", step, data)
+        if self.tracker is not None:
+            self.tracker.log(step, data)
         if echo:
             where = " ".join(str(s) for s in step) if isinstance(step, tuple) else str(step)
             log.info("%s  %s", where, "  ".join(f"{k} {_format(v)}" for k, v in data.items()))
 
-    def close(self) -> None:
+    def artifact(self, path: Path) -> None:
+        """A file of the run for the sinks that keep files (MLflow's artifacts, TensorBoard's images)."""
+        if self.tracker is not None:
+            self.tracker.artifact(path)
+
+    def tracking_state(self) -> dict:
+        """What a resumed run needs to continue the sinks' runs (the MLflow run id), for the checkpoint."""
+        return self.tracker.state() if self.tracker is not None else {}
+
+    def close(self, status: str = "FINISHED", log_path: Path | None = None) -> None:
+        """Flush and close log.json, then hand it (``log_path``) to the sinks and close them with ``status``."""
         if self.dllogger is not None:
             self.dllogger.flush()
             self.dllogger = None
         if self.file is not None:
             self.file.close()
             self.file = None
+        if self.tracker is not None:
+            if log_path is not None:
+                self.tracker.artifact(log_path)
+            self.tracker.close(status)
+            self.tracker = None
 
 
 def read_log(path: Path) -> list[dict]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import resource
@@ -108,3 +109,17 @@ class GpuSampler:
             out["gpu_sm_clock_mean_mhz"] = sum(clock) / len(clock)
             out["gpu_sm_clock_min_mhz"] = min(clock)
         return out
+
+
+@contextlib.contextmanager
+def system_metrics(device, enabled: bool = True, interval_s: float = 1.0):
+    """Yields a dict that holds, after the block, this process's GPU over it as ``system.*`` values (mean
+    utilisation, peak memory, mean and peak power, SM clock) sampled through NVML; empty on a CPU, where NVML
+    is missing, or when not ``enabled`` (the other ranks: their GPUs are not logged)."""
+    out: dict = {}
+    if not enabled or device.type != "cuda":
+        yield out
+        return
+    with GpuSampler(device.index, interval_s) as sampler:
+        yield out
+    out.update({f"system.{k}": v for k, v in (sampler.summary() or {}).items() if k != "samples"})

@@ -149,6 +149,14 @@ def test_multi_node_is_an_indexed_job_rendezvousing_at_pod_0(rendered):
     assert env["MASTER_ADDR"] == f"{name}-0.{name}.{NAMESPACE}.svc"
     assert env["MASTER_PORT"] == "29500" == str(svc["spec"]["ports"][0]["port"])
     assert env["NNODES"] == "4" and env["MAX_RESTARTS"] == "3"
+    # Tracking: the MLflow URI as MLflow's own variable, its credentials file from a Secret where MLflow's client
+    # reads it (HOME is /tmp), TensorBoard on the runs volume.
+    container = spec["containers"][0]
+    assert env["MLFLOW_TRACKING_URI"] == "http://mlflow.mlops.svc:5000" and env["HOME"] == "/tmp"
+    assert container["args"][-4:] == ["--mlflow", "--experiment", "resnet50-4x8", "--tensorboard"]
+    assert {"name": "mlflow-credentials", "mountPath": "/tmp/.mlflow", "readOnly": True} in container["volumeMounts"]
+    (secret,) = [v["secret"] for v in spec["volumes"] if v["name"] == "mlflow-credentials"]
+    assert secret == {"secretName": "mlflow-credentials", "items": [{"key": "credentials", "path": "credentials"}]}
     assert spec["priorityClassName"] == "training-high"
     assert spec["affinity"]["podAntiAffinity"]
     # The chart creates the claims no existing one was named for.
@@ -243,6 +251,7 @@ def test_every_pod_is_locked_down(rendered):
         ({"train": {"nprocPerNode": "8"}}, "/train/nprocPerNode"),
         ({"recipe": "alexnet"}, "/recipe"),
         ({"trian": {"nnodes": 2}}, "'trian' not allowed"),
+        ({"tracking": {"mlflowUri": "mlflow:5000"}}, "/tracking/mlflowUri"),
     ],
 )
 def test_wrong_values_fail_with_the_schemas_message(values, message):

@@ -91,8 +91,27 @@ priorityClassName: {{ . }}
     {{- range .Values.train.args }}
     - {{ . | quote }}
     {{- end }}
+    {{- with .Values.tracking }}
+    {{- if .mlflowUri }}
+    - --mlflow
+    {{- end }}
+    {{- if .experiment }}
+    - --experiment
+    - {{ .experiment | quote }}
+    {{- end }}
+    {{- if .logModel }}
+    - --mlflow-model
+    {{- end }}
+    {{- if .tensorboard }}
+    - --tensorboard
+    {{- end }}
+    {{- end }}
   env:
     {{- include "convnets.env" . | nindent 4 }}
+    {{- with .Values.tracking.mlflowUri }}
+    - name: MLFLOW_TRACKING_URI
+      value: {{ . | quote }}
+    {{- end }}
     - name: NNODES
       value: {{ .Values.train.nnodes | quote }}
     - name: NPROC_PER_NODE
@@ -131,6 +150,12 @@ priorityClassName: {{ . }}
       mountPath: /dev/shm
     - name: tmp
       mountPath: /tmp
+    {{- if .Values.tracking.credentialsSecret }}
+    # MLflow's client reads ~/.mlflow/credentials (HOME is /tmp): the secret as a file, not in the environment.
+    - name: mlflow-credentials
+      mountPath: /tmp/.mlflow
+      readOnly: true
+    {{- end }}
 {{- end -}}
 
 {{- define "convnets.trainVolumes" -}}
@@ -147,4 +172,12 @@ priorityClassName: {{ . }}
     sizeLimit: {{ .Values.train.shmSize }}
 - name: tmp
   emptyDir: {}
+{{- with .Values.tracking.credentialsSecret }}
+- name: mlflow-credentials
+  secret:
+    secretName: {{ . }}
+    items:
+      - key: credentials
+        path: credentials
+{{- end }}
 {{- end -}}
