@@ -129,11 +129,17 @@ def unpack(wheels: list[Path], site: Path, python: str) -> dict:
     return sizes
 
 
+def _normalised(info: tarfile.TarInfo) -> tarfile.TarInfo:
+    """No times or owners in the archive: the same wheels give the same bytes, and the same sha256."""
+    info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+    return info
+
+
 def archive(site: Path, path: Path, preset: int) -> None:
     """``site`` as one tar.xz: one stream compresses the many shared libraries' common parts together."""
     with lzma.open(path, "wb", preset=preset) as xz, tarfile.open(fileobj=xz, mode="w") as tar:
         for file in sorted(site.rglob("*")):
-            tar.add(file, arcname=str(file.relative_to(site)), recursive=False)
+            tar.add(file, arcname=str(file.relative_to(site)), recursive=False, filter=_normalised)
 
 
 def _sha256(path: Path) -> str:
