@@ -58,10 +58,16 @@ def plain_loop_throughput(arch: str, batch: int, size: int, iterations: int, war
     """The loop anyone would write: model, SGD, cross-entropy, forward/backward/step, with the usual autocast and
     GradScaler when mixed precision is on."""
     torch.manual_seed(0)
+    return plain_loop_model_throughput(create_model(arch, num_classes=1000), batch, size, iterations, warmup, s)
+
+
+def plain_loop_model_throughput(model: nn.Module, batch: int, size: int, iterations: int, warmup: int,
+                                s: Setting) -> float:  # fmt: skip
+    """``plain_loop_throughput`` on a model built elsewhere (timm's, say), with 1000 classes."""
     if s.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = s.tf32
     memory_format = torch.channels_last if s.memory_format == "channels_last" else torch.contiguous_format
-    model = create_model(arch, num_classes=1000).to(s.device, memory_format=memory_format).train()
+    model = model.to(s.device, memory_format=memory_format).train()
     # torch's fused SGD on a GPU (as the engine uses; it also spares the GradScaler's host sync), foreach on CPU.
     fused = s.device.type == "cuda"
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.875, weight_decay=3e-5, fused=fused,
