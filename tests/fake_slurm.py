@@ -47,6 +47,11 @@ def srun(args: list[str]) -> int:
         options[key] = value
     nodes = [Node(**n) for n in json.loads(os.environ[NODES_VAR])][: int(options.get("nodes", 1))]
     per_node = int(options.get("ntasks-per-node", 1))
+    existing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    missing = [n.namespace for n in nodes if n.namespace not in existing.split()]
+    if missing:  # nothing is started outside the test's own namespaces
+        print(f"fake srun: namespaces {missing} do not exist", file=sys.stderr)
+        return 2
     env = {k: v for k, v in os.environ.items() if k != NODES_VAR}
     step = {"SLURM_NNODES": str(len(nodes)), "SLURM_NTASKS": str(len(nodes) * per_node),
             "SLURM_NPROCS": str(len(nodes) * per_node), "SLURM_STEP_ID": "0", "SLURM_STEPID": "0",

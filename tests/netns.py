@@ -55,6 +55,11 @@ def ip(*args: str) -> str:
     return proc.stdout
 
 
+def veth(name: str, namespace: str, peer: str, peer_namespace: str) -> None:
+    """A veth pair with one end in each namespace (never in the machine's own)."""
+    ip("link", "add", name, "netns", namespace, "type", "veth", "peer", "name", peer, "netns", peer_namespace)
+
+
 @dataclass(frozen=True)
 class Node:
     index: int
@@ -119,26 +124,11 @@ class Cluster:
             ip("-n", self.switch, "link", "set", "br0", "up")
         for node in self.nodes:
             if self.switch:
-                near, far = f"{node.namespace}a", f"{node.namespace}b"
-                ip(
-                    "link",
-                    "add",
-                    near,
-                    "netns",
-                    node.namespace,
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    far,
-                    "netns",
-                    self.switch,
-                )
-                ip("-n", self.switch, "link", "set", far, "master", "br0", "up")
+                veth(f"{node.namespace}a", node.namespace, f"{node.namespace}b", self.switch)
+                ip("-n", self.switch, "link", "set", f"{node.namespace}b", "master", "br0", "up")
             elif node.index == 0:
-                near, far = f"{node.namespace}a", f"{self.nodes[1].namespace}a"
-                ip("link", "add", near, "netns", node.namespace, "type", "veth", "peer", "name", far,
-                   "netns", self.nodes[1].namespace)  # fmt: skip
+                other = self.nodes[1].namespace
+                veth(f"{node.namespace}a", node.namespace, f"{other}a", other)
             near = f"{node.namespace}a"
             ip("-n", node.namespace, "addr", "add", f"{node.address}/{SUBNET.prefixlen}", "dev", near)
             ip("-n", node.namespace, "link", "set", near, "up")

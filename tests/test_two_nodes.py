@@ -161,7 +161,7 @@ def training_step(out: Path, epoch: int, step: int) -> bool:
 
 def test_without_restarts_the_survivor_fails_within_a_bounded_time(tree, cluster, tmp_path):
     """MAX_RESTARTS=0: node 1 dies in the first epoch; node 0's worker sees its peer's connection reset and
-    torchrun ends with an error, in seconds, instead of waiting on it (measured: 3-6 s on 2 busy cores)."""
+    torchrun ends with an error, in seconds, instead of waiting on it (measured: 3 to 8 s on 2 busy cores)."""
     c = cluster(["node0", "node1"])
     out = tmp_path / "run"
     procs = [c.start(i, *launcher(out, c.nodes[0].address, 0, tmp_path, tree), tmp_path / f"node{i}.log")
