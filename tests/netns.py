@@ -192,6 +192,17 @@ class Cluster:
                 pass
             proc.wait()
 
+    def environments(self, index: int) -> dict[int, dict[str, str]]:
+        """The environment of every process of node ``index``, by pid (those that end meanwhile are left out)."""
+        found = {}
+        for pid in self.pids(index):
+            try:
+                raw = Path(f"/proc/{pid}/environ").read_bytes()
+            except OSError:
+                continue
+            found[pid] = dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
+        return found
+
     def listening_ports(self, index: int) -> set[int]:
         """The TCP ports something listens on in node ``index``, IPv4 or IPv6 (the rendezvous store listens on
         both), from the namespace's /proc/net/tcp and tcp6."""

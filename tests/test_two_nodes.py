@@ -90,20 +90,55 @@ def tail(texts: list[str], lines: int = 40) -> str:
     return "\n".join(f"--- node {i}:\n" + "\n".join(t.splitlines()[-lines:]) for i, t in enumerate(texts))
 
 
+WORKER_VARS = ("RANK", "LOCAL_RANK", "GROUP_RANK", "WORLD_SIZE", "GROUP_WORLD_SIZE", "TORCHELASTIC_RUN_ID")
+
+
+def watch(cluster: Cluster, procs: list, timeout: float = RUN_TIMEOUT) -> dict:
+    """Until ``procs`` end (or ``timeout``): the TCP ports node 0 listens on, and the torchrun variables of the
+    workers on each node (a process with TORCHELASTIC_RUN_ID; a plain ``python -m common`` has none)."""
+    ports: set[int] = set()
+    workers: dict[tuple[int, int], dict] = {}
+    deadline = time.monotonic() + timeout
+    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        ports |= cluster.listening_ports(0)
+        for node in cluster.nodes:
+            for pid, env in cluster.environments(node.index).items():
+                if "TORCHELASTIC_RUN_ID" in env and "torch.distributed.run" not in cmdline(pid):  # not the agent
+                    workers[node.index, pid] = {k: env.get(k) for k in WORKER_VARS}
+        time.sleep(0.5)
+    return {"ports": ports, "workers": workers}
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text(errors="replace").replace("\0", " ")
+    except OSError:
+        return ""
+
+
+def assert_one_rank_per_node(workers: dict, run_id: str) -> None:
+    """Each node ran one torchrun worker, joined through the c10d rendezvous ``run_id``: ranks 0 and 1, one per
+    node, in a world of 2 nodes x 1 process (a node counted twice, a rank computed twice or a worker started
+    without torchrun breaks it)."""
+    ranks = {node: (env["RANK"], env["GROUP_RANK"]) for (node, _), env in workers.items()}
+    assert len(workers) == 2 and sorted(r for r, _ in ranks.values()) == ["0", "1"], workers
+    assert all(r == g for r, g in ranks.values()), workers  # one process a node: global rank = node rank
+    for env in workers.values():
+        assert (env["WORLD_SIZE"], env["GROUP_WORLD_SIZE"], env["LOCAL_RANK"]) == ("2", "2", "0"), env
+        assert env["TORCHELASTIC_RUN_ID"] == run_id, env
+
+
 def run_nodes(cluster: Cluster, processes: list[tuple[list[str], dict, Path]], logs: Path) -> dict:
-    """Start ``(argv, env, cwd)`` on node i each and wait for all; returns their exit codes, the TCP ports node 0
-    listened on meanwhile, the logs and the seconds it took."""
+    """Start ``(argv, env, cwd)`` on node i each and wait for all; returns their exit codes, what ``watch`` saw,
+    the logs and the seconds it took."""
     logs.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
     procs = [cluster.start(i, argv, env, cwd, logs / f"node{i}.log") for i, (argv, env, cwd) in enumerate(processes)]
-    ports: set[int] = set()
-    while any(p.poll() is None for p in procs) and time.monotonic() < start + RUN_TIMEOUT:
-        ports |= cluster.listening_ports(0)
-        time.sleep(0.5)
+    seen = watch(cluster, procs)
     codes = wait_all(procs, 0)
     text = [(logs / f"node{i}.log").read_text(errors="replace") for i in range(len(procs))]
     assert None not in codes, f"a node did not finish in {RUN_TIMEOUT} s:\n" + tail(text)
-    return {"codes": codes, "ports": ports, "logs": text, "seconds": time.monotonic() - start}
+    return {"codes": codes, **seen, "logs": text, "seconds": time.monotonic() - start}
 
 
 def assert_matches_reference(out: Path, reference: Path) -> None:
@@ -137,6 +172,7 @@ def two_nodes(tree, tmp_path_factory) -> Path:
         run = run_nodes(c, [launcher(tmp / "run", c.nodes[0].address, 0, tmp, tree)] * 2, tmp / "logs")
     assert run["codes"] == [0, 0], tail(run["logs"])
     assert sum("x 2 processes" in text for text in run["logs"]) == 1  # rank 0, on either node, says the size
+    assert_one_rank_per_node(run["workers"], "convnets")
     print(f"two nodes: {run['seconds']:.0f} s")
     return tmp / "run"
 
@@ -265,6 +301,7 @@ def test_pytorchjob_pods_train_across_two_nodes(tree, reference, cluster, tmp_pa
     run = run_nodes(c, pod_processes(pods, tree, tmp_path), tmp_path / "logs")
     assert run["codes"] == [0, 0], tail(run["logs"])
     assert int(pods[0].env["MASTER_PORT"]) in run["ports"]
+    assert_one_rank_per_node(run["workers"], job["metadata"]["name"])
     print(f"pytorchjob: {run['seconds']:.0f} s")
     assert_matches_reference(tmp_path / "runs" / RECIPE, reference)
 
@@ -302,9 +339,12 @@ def test_slurm_batch_script_trains_across_two_nodes(tree, reference, cluster, tm
     argv = ["bash", str(spool / "slurm_script"), "--data", str(tree), "--output", str(out), "--resume", "auto", *TRAIN]
     log = tmp_path / "batch.log"
     start = time.monotonic()
-    (code,) = wait_all([c.start(0, argv, env, ROOT, log)], RUN_TIMEOUT)  # sbatch's default --chdir: the submit folder
+    batch = c.start(0, argv, env, ROOT, log)  # sbatch's default --chdir: the submit folder
+    seen = watch(c, [batch])
+    (code,) = wait_all([batch], 0)
     text = log.read_text(errors="replace")
     assert code == 0, text[-4000:]
+    assert_one_rank_per_node(seen["workers"], "slurm-4242")
     assert f"rendezvous at {hosts[0]}:29500" in text
     print(f"slurm: {time.monotonic() - start:.0f} s")
     assert_matches_reference(out, reference)
