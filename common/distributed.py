@@ -161,8 +161,10 @@ def init_distributed(device: str = "auto") -> Runtime:
         )
     if world > 1 and device.type == "cpu":
         # Several processes share the few cores of a CPU-only machine: without this each one starts as
-        # many threads as there are cores and they thrash.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+        # many threads as there are cores and they thrash. The cores this process may run on (a container's or
+        # Slurm's CPU set), as for the data workers (config.default_workers), not the whole machine's.
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     return Runtime(device=device, rank=rank(), local_rank=local_rank(), world_size=world)
 
 

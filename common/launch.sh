@@ -31,6 +31,11 @@ fi
 # Kubernetes Job's pod 0). Ranks come from the rendezvous, so NODE_RANK is not needed and a restarted node
 # rejoins; MAX_RESTARTS lets the surviving agents restart their workers instead of failing the whole job.
 : "${MASTER_ADDR:?MASTER_ADDR must be set for a multi-node run}"
+# A restarted node must be able to rejoin: with the agent's store shared with the workers (torch's default since
+# 2.5), a surviving rank-0 agent does not publish the new round's MASTER_ADDR, and the new node waits for it until
+# it times out (pytorch/pytorch#135712; seen with torch 2.14 in tests/test_two_nodes.py). Each round then
+# bootstraps its own store.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"
 exec "$PYTHON" -m torch.distributed.run --nnodes "$nnodes" --nproc-per-node "$procs" \
   --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:${MASTER_PORT:-29500}" --rdzv-id "${RDZV_ID:-convnets}" \
   --max-restarts "${MAX_RESTARTS:-0}" -m common "$@"

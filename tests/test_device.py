@@ -73,6 +73,23 @@ def test_a_usable_cuda_gives_each_local_rank_its_gpu(monkeypatch):
         dist.resolve_device("cuda:2")
 
 
+def test_cpu_ranks_share_the_cores_this_process_may_use(monkeypatch):
+    """Threads per CPU rank come from this process's CPU set (a container's, Slurm's), not the machine's count:
+    one rank per node on a 64-core machine that gives it one core computes with one thread."""
+    monkeypatch.setattr(dist.os, "sched_getaffinity", lambda pid: {5}, raising=False)
+    monkeypatch.setattr(dist.os, "cpu_count", lambda: 64)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    monkeypatch.setattr(dist.dist, "is_initialized", lambda: True)  # as if torchrun's process group were joined
+    monkeypatch.setattr(dist.dist, "get_rank", lambda: 1)
+    threads = torch.get_num_threads()
+    try:
+        runtime = dist.init_distributed("cpu")
+        assert (runtime.rank, runtime.world_size, torch.get_num_threads()) == (1, 2, 1)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize(
     "text, version",
     [

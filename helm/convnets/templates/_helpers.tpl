@@ -129,7 +129,9 @@ priorityClassName: {{ . }}
       value: {{ .Values.train.rdzvPort | quote }}
     {{- end }}
   ports:
-    - name: rendezvous
+    # The training operator sets MASTER_PORT from the port named pytorchjob-port (adding 23456 where none is
+    # named); the Indexed Job's Service targets "rendezvous".
+    - name: {{ eq .Values.train.kind "pytorchjob" | ternary "pytorchjob-port" "rendezvous" }}
       containerPort: {{ .Values.train.rdzvPort }}
   securityContext:
     {{- toYaml .Values.securityContext | nindent 4 }}
