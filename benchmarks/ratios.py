@@ -65,10 +65,11 @@ def loaders(data: Path, device: torch.device, size: int, batch: int, workers: in
                      "augmentation": "RandomResizedCrop + horizontal flip + normalise (both sides)"}  # fmt: skip
 
 
-def engine_vs_plain(arch: str, device: torch.device, size: int, batch: int, iterations: int, rounds: int) -> dict:
+def engine_vs_plain(arch: str, device: torch.device, size: int, batch: int, iterations: int, rounds: int,
+                    memory_format: str = "channels_last") -> dict:  # fmt: skip
     """The engine's training step against the plain loop of ``compare.py``, same model, batch and precision."""
     amp = device.type == "cuda"
-    setting = compare.Setting(device, amp, "float16", "channels_last", None, True)
+    setting = compare.Setting(device, amp, "float16", memory_format, None, True)
     result = compare.paired(
         "engine_img_s",
         lambda: compare.engine_throughput(arch, batch, size, iterations, 2, setting),
@@ -181,6 +182,8 @@ def plan_ratios(device: torch.device, data: Path, quick: bool) -> dict:
         return {
             "ratio_loaders": lambda: loaders(data, device, 224, 32, workers, 8, 2, 2),
             "ratio_engine_vs_plain_loop": lambda: engine_vs_plain("resnet18", device, 64, 16, 4, 3),
+            # The point of issue 17's measurement (batch 32, contiguous): where the engine's CPU optimizer lost 11%.
+            "ratio_engine_vs_plain_loop_bs32": lambda: engine_vs_plain("resnet18", device, 64, 32, 4, 3, "contiguous"),
             "ratio_inference_backends": lambda: inference_backends("resnet18", device, 64, (1, 8, 64), 5, 2),
         }
     batch = 256 if device.type == "cuda" else 32

@@ -252,7 +252,8 @@ def ratio_lines(dev: Device) -> list[str]:
         elif kind == "engine_vs_plain_loop":
             verdict = "within" if r["within_limit"] else "OVER"
             lines.append(f"- **Engine vs plain PyTorch loop** ({r['arch']}, {r['image_size']} px, batch "
-                         f"{r['batch_size']}): {r['engine_img_s_median']:,.1f} vs "
+                         f"{r['batch_size']}, {r.get('setting', {}).get('memory_format', 'channels_last')}): "
+                         f"{r['engine_img_s_median']:,.1f} vs "
                          f"{r['plain_img_s_median']:,.1f} img/s, "
                          f"overhead {r['overhead_pct']:+.1f}% ({verdict} the {r['overhead_limit_pct']:g}% limit). "
                          f"[{r['_file']}]({r['_file']})")  # fmt: skip

@@ -34,10 +34,10 @@ class CountCalls:
 
 
 @pytest.mark.parametrize("name", ["sgd", "adamw", "rmsprop"])
-def test_optimizer_is_fused_on_cuda_where_torch_has_the_kernel_and_foreach_on_cpu(name):
+def test_optimizer_is_fused_on_cuda_where_torch_has_the_kernel_and_a_loop_on_cpu(name):
     cfg = TrainConfig(optimizer=name)
     cpu = build_optimizer(tiny_model(), cfg, lr=0.1)
-    assert cpu.param_groups[0]["foreach"] is True and not cpu.param_groups[0].get("fused")
+    assert cpu.param_groups[0]["foreach"] is False and not cpu.param_groups[0].get("fused")
     # The CUDA choice, built on CPU parameters (torch has CPU kernels for what it fuses on CUDA).
     cuda = optimizer_implementation(name, "cuda")
     assert cuda == ({"fused": True, "foreach": False} if name != "rmsprop" else {"foreach": True})
@@ -78,9 +78,27 @@ def test_resume_keeps_this_runs_optimizer_implementation():
     load_optimizer_state(fused, saved.state_dict())
     assert (fused.param_groups[0]["fused"], fused.param_groups[0]["foreach"]) == (True, False)
     assert torch.equal(fused.state[model[0].weight]["momentum_buffer"], saved.state[model[0].weight]["momentum_buffer"])
-    foreach = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, **optimizer_implementation("sgd", "cpu"))
-    load_optimizer_state(foreach, fused.state_dict())
-    assert (foreach.param_groups[0]["fused"], foreach.param_groups[0]["foreach"]) == (False, True)
+    loop = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, **optimizer_implementation("sgd", "cpu"))
+    load_optimizer_state(loop, fused.state_dict())
+    assert (loop.param_groups[0]["fused"], loop.param_groups[0]["foreach"]) == (False, False)
+
+
+def test_a_cpu_sgd_step_updates_in_place():
+    """The engine's SGD step on the CPU allocates no parameter-sized temporaries beyond coupled weight decay's
+    ``grad + wd * param``: foreach's per-tensor fallback made two more per parameter (``mul`` of the gradients by
+    the learning rate, ...), which the allocator faults in anew every step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = tiny_model()
+    optimizer = build_optimizer(model, TrainConfig(optimizer="sgd", momentum=0.9, weight_decay=1e-4), lr=0.1)
+    for _ in range(2):  # the second step has momentum buffers, as every later one
+        model(torch.randn(2, 3, 8, 8)).sum().backward()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            optimizer.step()
+    counts = {e.key: e.count for e in prof.key_averages()}
+    decayed = len(optimizer.param_groups[0]["params"])
+    assert counts.get("aten::mul", 0) == 0, counts
+    assert counts.get("aten::add", 0) <= decayed, counts
 
 
 def test_build_optimization_scales_only_fp16_and_adds_ema_when_asked():
