@@ -4,12 +4,18 @@ batch settings, serving the same model on one machine in one run, under the same
     python benchmarks/serve_compare.py [--checkpoint C] [--clients 16] [--seconds 10] [--max-batch-size 16]
 
 Without --checkpoint a resnet18 with 4 classes at 32x32 (untrained: speed does not depend on the weights) is
-written to a temporary folder. Every request carries one image as JSON (LitServe reads only JSON bodies): by default
-a 48x48 PNG file as a base64 BYTES element, which each server decodes and preprocesses as `evaluate` does
-(--payload tensor: a preprocessed FP32 [1,3,S,S] instead); the answer is its probabilities. Each server runs in
-its own process, one after another; the clients are threads of this process, each with its own tritonclient
-connection. Writes requests per second, p50/p99 latency, mean batch sizes, the ratios, the load average and the
-versions to benchmarks/results/<device>/serve_compare.json.
+written to a temporary folder. Every request carries one input, of each kind in turn (--payload image|tensor|both):
+a 48x48 PNG file as a BYTES element, which each server decodes and preprocesses as `evaluate` does, or a
+preprocessed FP32 [1,3,S,S] tensor; the answer is its probabilities. Our server gets what tritonclient sends it:
+tensors in Triton's binary extension, images as base64 JSON; LitServe reads only JSON bodies, so it gets both as
+JSON. Each server runs in its own process, one after another; the clients are threads of this process, each with
+its own tritonclient connection.
+
+Beside requests per second, p50/p99 latency and mean batch sizes, each run records the CPU seconds per request of
+the server (its process group) and of the clients (this process), since both share the machine's cores, and for
+our server its efficiency: served requests/s over the model's own images/s (a plain forward pass timed in this
+process, with the server stopped) at the mean batch size it served. Writes everything, with the ratios, the load
+average and the versions, to benchmarks/results/<device>/serve_compare.json.
 """
 
 from __future__ import annotations
@@ -111,8 +117,10 @@ def wait_ready(proc: subprocess.Popen, url: str, log: Path) -> None:
     raise SystemExit(f"server not ready after 180 s:\n{log.read_text()}")
 
 
-def load(url: str, model: str, size: int, clients: int, seconds: float, warmup: float, payload: str) -> dict:
-    """``clients`` threads sending one request after another; latencies of those that start after the warmup."""
+def load(url: str, model: str, size: int, clients: int, seconds: float, warmup: float, payload: str,
+         binary: bool) -> dict:  # fmt: skip
+    """``clients`` threads sending one request after another; latencies of those that start after the warmup.
+    ``binary``: tensors and outputs in Triton's binary extension (tritonclient's default) instead of JSON."""
     import tritonclient.http as httpclient
 
     if payload == "tensor":
@@ -130,19 +138,21 @@ def load(url: str, model: str, size: int, clients: int, seconds: float, warmup: 
     start = time.perf_counter()
     measure_from, stop_at = start + warmup, start + warmup + seconds
     latencies: list[list[float]] = [[] for _ in range(clients)]
+    answered = [0] * clients
     errors: list[str] = []
 
     def client(i: int) -> None:
         c = httpclient.InferenceServerClient(url, network_timeout=120)
         inp = httpclient.InferInput(name, list(x.shape), dtype)
-        inp.set_data_from_numpy(x, binary_data=False)
-        out = [httpclient.InferRequestedOutput("probabilities", binary_data=False)]
+        inp.set_data_from_numpy(x, binary_data=binary and payload == "tensor")
+        out = [httpclient.InferRequestedOutput("probabilities", binary_data=binary)]
         while (t0 := time.perf_counter()) < stop_at:
             try:
                 c.infer(model, [inp], outputs=out).as_numpy("probabilities")
             except Exception as e:  # noqa: BLE001 - counted and reported
                 errors.append(repr(e)[:200])
                 continue
+            answered[i] += 1
             if t0 >= measure_from:
                 latencies[i].append(time.perf_counter() - t0)
 
@@ -153,6 +163,8 @@ def load(url: str, model: str, size: int, clients: int, seconds: float, warmup: 
         t.join()
     flat = sorted(v for per in latencies for v in per)
     return {
+        "binary": binary,
+        "answered": sum(answered),
         "requests": len(flat),
         "errors": len(errors),
         "first_error": errors[0] if errors else None,
@@ -160,6 +172,37 @@ def load(url: str, model: str, size: int, clients: int, seconds: float, warmup: 
         "p50_ms": 1000 * statistics.median(flat) if flat else None,
         "p99_ms": 1000 * flat[min(len(flat) - 1, int(0.99 * len(flat)))] if flat else None,
     }
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """User + system CPU seconds of every live process in group ``pgid`` (a server and its workers)."""
+    total, tick = 0.0, os.sysconf("SC_CLK_TCK")
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # fields after the command: state, ppid, pgrp, ..., utime (12), stime (13)
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def model_images_per_s(checkpoint: str, batch: int, seconds: float = 3.0) -> float:
+    """The served network's own throughput at ``batch``: forward passes in this process, as the server runs them."""
+    import torch
+
+    from common.serving.export import load_checkpoint_model
+
+    model, meta = load_checkpoint_model(checkpoint, torch.device("cpu"))
+    x = torch.randn(batch, 3, meta.image_size, meta.image_size)
+    with torch.inference_mode():
+        for _ in range(3):
+            model(x)
+        start, runs = time.perf_counter(), 0
+        while time.perf_counter() - start < seconds:
+            model(x)
+            runs += 1
+    return batch * runs / (time.perf_counter() - start)
 
 
 def mean_batch(url: str) -> float | None:
@@ -188,17 +231,24 @@ def stop_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def run_one(name: str, command: list[str], model: str, args, workdir: Path) -> dict:
+def run_one(name: str, command: list[str], model: str, args, workdir: Path, payload: str) -> dict:
     port = free_port()
-    log = workdir / f"{name}.log"
+    log = workdir / f"{name}_{payload}.log"
     proc = subprocess.Popen(command + [str(port)] if name == "litserve" else command + ["--port", str(port)],
                             cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT,
                             start_new_session=True)  # fmt: skip
     url = f"127.0.0.1:{port}"
     try:
         wait_ready(proc, url, log)
-        print(f"{name}: ready, {args.clients} clients for {args.warmup:g} + {args.seconds:g} s", flush=True)
-        result = load(url, model, args.image_size, args.clients, args.seconds, args.warmup, args.payload)
+        print(f"{name}: ready, {args.clients} clients sending {payload}s for {args.warmup:g} + {args.seconds:g} s",
+              flush=True)  # fmt: skip
+        server_cpu, client_cpu = group_cpu_seconds(proc.pid), time.process_time()
+        result = load(url, model, args.image_size, args.clients, args.seconds, args.warmup, payload,
+                      binary=name != "litserve")  # fmt: skip
+        # Over the whole load (warmup included), per request answered in it.
+        answered = result.pop("answered")
+        result["server_cpu_ms_per_request"] = 1000 * (group_cpu_seconds(proc.pid) - server_cpu) / max(1, answered)
+        result["client_cpu_ms_per_request"] = 1000 * (time.process_time() - client_cpu) / max(1, answered)
         if name != "litserve":
             result["mean_batch_size"] = mean_batch(url)
         else:
@@ -218,7 +268,7 @@ def main() -> None:
     p.add_argument("--warmup", type=float, default=3.0, help="seconds of load before measuring")
     p.add_argument("--max-batch-size", type=int, default=16)
     p.add_argument("--max-queue-delay-ms", type=float, default=5.0)
-    p.add_argument("--payload", choices=("image", "tensor"), default="image", help="what a request carries")
+    p.add_argument("--payload", choices=("image", "tensor", "both"), default="both", help="what a request carries")
     p.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/<device>/serve_compare.json")
     args = p.parse_args()
 
@@ -238,17 +288,33 @@ def main() -> None:
     lit = [sys.executable, str(workdir / "litserve_app.py"), checkpoint, str(args.max_batch_size),
            str(args.max_queue_delay_ms), str(ROOT)]  # fmt: skip
     load_before = os.getloadavg()
-    results = {
-        "ours_dynamic_batching": run_one(
-            "ours_dynamic_batching", ours + ["--max-batch-size", str(args.max_batch_size)], "m", args, workdir
-        ),  # fmt: skip
-        "ours_batch_size_1": run_one("ours_batch_size_1", ours + ["--max-batch-size", "1"], "m", args, workdir),
-        "litserve": run_one("litserve", lit, "m", args, workdir),
+    servers = {
+        "ours_dynamic_batching": ours + ["--max-batch-size", str(args.max_batch_size)],
+        "ours_batch_size_1": ours + ["--max-batch-size", "1"],
+        "litserve": lit,
     }
+    payloads = ("image", "tensor") if args.payload == "both" else (args.payload,)
+    results, ratios = {}, {}
+    for payload in payloads:
+        results[payload] = {
+            name: run_one(name, command, "m", args, workdir, payload) for name, command in servers.items()
+        }
+        for name in ("ours_dynamic_batching", "ours_batch_size_1"):
+            r = results[payload][name]
+            batch = max(1, round(r["mean_batch_size"] or 1))
+            r["model_images_per_s_at_mean_batch"] = model_images_per_s(checkpoint, batch)
+            r["efficiency"] = r["requests_per_s"] / r["model_images_per_s_at_mean_batch"]
+        rps = {k: v["requests_per_s"] for k, v in results[payload].items()}
+        ratios[payload] = {
+            "dynamic_batching_over_batch_size_1": rps["ours_dynamic_batching"] / rps["ours_batch_size_1"],
+            "ours_over_litserve": rps["ours_dynamic_batching"] / rps["litserve"],
+            "efficiency_dynamic_batching": results[payload]["ours_dynamic_batching"]["efficiency"],
+            "efficiency_batch_size_1": results[payload]["ours_batch_size_1"]["efficiency"],
+        }
     load_after = os.getloadavg()
-    rps = {k: v["requests_per_s"] for k, v in results.items()}
     report = {
-        "what": "requests/s and latency under concurrent tritonclient load, one image per request (JSON)",
+        "what": "requests/s, latency, CPU per request and efficiency under concurrent tritonclient load, one input "
+        "per request: an encoded image or a preprocessed tensor",
         "command": "python " + " ".join([f"benchmarks/{Path(__file__).name}", *sys.argv[1:]]),
         "device": device_name(torch.device("cpu")),
         "cpu_count": os.cpu_count(),
@@ -270,16 +336,13 @@ def main() -> None:
             "max_queue_delay_ms": args.max_queue_delay_ms,
         },  # fmt: skip
         "results": results,
-        "ratios": {
-            "dynamic_batching_over_batch_size_1": rps["ours_dynamic_batching"] / rps["ours_batch_size_1"],
-            "ours_over_litserve": rps["ours_dynamic_batching"] / rps["litserve"],
-        },
+        "ratios": ratios,
         "versions": {"python": platform.python_version(), "torch": torch.__version__, **_versions()},
     }
     out = args.out or RESULTS / ("cuda" if torch.cuda.is_available() else "cpu") / "serve_compare.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report["ratios"], indent=2))
+    print(json.dumps(ratios, indent=2))
     print(f"wrote {out}")
 
 
