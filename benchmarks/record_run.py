@@ -4,7 +4,9 @@
         --wall-seconds 512
 
 Reads the run's ``config.json`` and DLLogger ``log.json``: per-epoch loss, top-1/top-5, epoch time and RSS,
-the final top-1, and the command and whole wall time (set-up and start-up checks included) as measured outside.
+the final top-1, and the command and whole wall time (set-up and start-up checks included) as measured outside;
+and what else can change the figure: the training process's environment (threads, versions, the CPU's
+instruction sets: ``environment.json``) and a checksum of the data it read.
 A run trained with ``--target-top1`` / ``--target-map`` also records its time to accuracy (MLPerf's measure):
 the target, the epoch that reached it and the training seconds to it (``common/target.py`` says what they count).
 """
@@ -12,6 +14,7 @@ the target, the epoch that reached it and the training seconds to it (``common/t
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
 from pathlib import Path
@@ -23,6 +26,16 @@ from common.checkpoint import atomic_write_text
 from common.logger import read_log
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def data_checksum(root: Path) -> dict:
+    """sha256 over every file of ``root``'s train/ and val/ (relative path and bytes, in sorted order)."""
+    digest, files = hashlib.sha256(), 0
+    for split in ("train", "val"):
+        for path in sorted(p for p in (root / split).rglob("*") if p.is_file()):
+            digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+            files += 1
+    return {"files": files, "sha256": digest.hexdigest()}
 
 
 def main() -> None:
@@ -61,6 +74,10 @@ def main() -> None:
         "python": platform.python_version(),
         "per_epoch": epochs,
     }
+    if (args.run / "environment.json").exists():
+        result["environment"] = json.loads((args.run / "environment.json").read_text())
+    if Path(config["data"]).is_dir():
+        result["data_checksum"] = data_checksum(Path(config["data"]))
     if "target.epoch" in final:
         metric = next(k.split(".", 1)[1] for k in final if k in ("target.top1", "target.map"))
         result["target"] = {"metric": metric, "value": final[f"target.{metric}"], "epoch": final["target.epoch"],

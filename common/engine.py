@@ -45,7 +45,7 @@ from common.step import (
     unwrap,
 )
 from common.target import TimeToTarget
-from common.telemetry import host_rss_mb, system_metrics
+from common.telemetry import host_rss_mb, run_environment, system_metrics
 from common.tracking import open_tracker, run_tags
 
 log = logging.getLogger("convnets")
@@ -308,6 +308,9 @@ def write_run_config(cfg: TrainConfig, plan: RunPlan, data: DataBundle, num_clas
         plan.output.mkdir(parents=True, exist_ok=True)
         atomic_write_text(plan.output / "config.json", json.dumps(resolved, indent=2))
         logger.metadata("config", resolved)
+        environment = run_environment()  # beside the configuration: a resume on another host writes its own
+        atomic_write_text(plan.output / "environment.json", json.dumps(environment, indent=2))
+        logger.metadata("environment", environment)
     return resolved
 
 

@@ -26,6 +26,48 @@ def host_peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+# What can change a CPU run's numbers beyond its configuration: thread counts (a different reduction order
+# perturbs every step, and a short high-learning-rate schedule turns that into points of top-1), the libraries'
+# versions, and the instruction sets oneDNN picks its kernels by (AVX-512 and bf16 units differ between hosts
+# of one cloud "kind").
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_WAIT_POLICY", "KMP_AFFINITY")
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
+PACKAGES = ("torch", "torchvision", "numpy", "pillow", "nvidia-dali-cuda130")
+
+
+def run_environment() -> dict:
+    """Threads, thread variables, package versions, CPU model and instruction sets of this process."""
+    import platform
+    from importlib import metadata
+
+    import torch
+
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    cpu, flags = platform.processor() or "unknown", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+        cpu = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), cpu)
+        flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    except OSError:
+        pass
+    return {
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "thread_variables": {k: os.environ[k] for k in THREAD_VARIABLES if k in os.environ},
+        "python": platform.python_version(),
+        "versions": versions,
+        "cpu_model": cpu,
+        "cpu_flags": [f for f in CPU_FLAGS if f in flags],
+    }
+
+
 def nvml_handle(cuda_index: int):
     """(pynvml, handle) of the GPU that torch calls ``cuda:<cuda_index>``.
 

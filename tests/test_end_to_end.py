@@ -13,6 +13,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 from common.logger import read_log
 from tests.conftest import FAST_TRAIN, ONE_THREAD, ROOT, run_cli
@@ -40,6 +41,11 @@ def test_training_beats_chance(trained):
     assert [r["step"][0] for r in epochs] == [0, 1, 2]
     assert all("train.rss_mb" in r["data"] and "val.top5" in r["data"] for r in epochs)
     assert {p.name for p in out.iterdir()} >= {"best.pt", "checkpoint_epoch_0002.pt", "log.json", "config.json"}
+    # What else changes the numbers, as the process saw it (run_cli starts it with one intra-op thread).
+    environment = json.loads((out / "environment.json").read_text())
+    assert environment["torch_threads"] == 1 and environment["thread_variables"]["OMP_NUM_THREADS"] == "1"
+    assert environment["versions"]["torch"] == torch.__version__.split("+")[0]
+    assert [r["data"]["environment"] for r in records if "environment" in r["data"]] == [environment]
 
 
 def test_evaluate_json_and_confusion_matrix(trained, image_tree, tmp_path, cli):
