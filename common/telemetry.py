@@ -30,7 +30,15 @@ def host_peak_rss_mb() -> float:
 # perturbs every step, and a short high-learning-rate schedule turns that into points of top-1), the libraries'
 # versions, and the instruction sets oneDNN picks its kernels by (AVX-512 and bf16 units differ between hosts
 # of one cloud "kind").
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_WAIT_POLICY", "KMP_AFFINITY")
+THREAD_VARIABLES = (
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "OMP_WAIT_POLICY",
+    "KMP_AFFINITY",
+    "ONEDNN_MAX_CPU_ISA",
+    "ATEN_CPU_CAPABILITY",
+)
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
 PACKAGES = ("torch", "torchvision", "numpy", "pillow", "nvidia-dali-cuda130")
 
