@@ -80,19 +80,13 @@ class TrainTransform:
 
 
 def load_rgb(path: str) -> torch.Tensor:
-    """Decode any PIL-readable image (grayscale, palette, RGBA, CMYK, 16-bit, ...) to uint8 RGB CHW, as DALI's
-    decoders do: the EXIF orientation applied, 16-bit values scaled by 255/65535, float images by 255."""
-    from PIL import Image, ImageOps
+    """Any PIL-readable image as uint8 RGB CHW (see ``common.images.open_rgb``: EXIF orientation, 16-bit and float
+    modes scaled as DALI's decoders do)."""
     from torchvision.transforms.v2 import functional as F
 
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        if im.mode in ("F", "I") or im.mode.startswith("I;16"):
-            # PIL's convert("RGB") clips these to 0..255: 16-bit images would turn white, float ones black.
-            scale = 255.0 if im.mode == "F" else 255.0 / 65535.0
-            grey = np.clip(np.asarray(im, dtype=np.float64) * scale, 0, 255).round().astype(np.uint8)
-            im = Image.fromarray(grey)
-        return F.pil_to_tensor(im.convert("RGB"))
+    from common.images import open_rgb
+
+    return F.pil_to_tensor(open_rgb(path))
 
 
 class BadImageError(UserError):

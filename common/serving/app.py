@@ -60,7 +60,8 @@ def create_app(cfg: ServeConfig, runtime=None) -> FastAPI:
     meta = runtime.meta
     name = cfg.model_name or meta.arch
     metrics = ServerMetrics(cfg.max_batch_size)
-    decoder = ImageDecoder(meta, cfg.max_image_pixels)
+    # ONNX Runtime serving resizes with PIL wherever it runs, so the slim image (no torch) answers as the full one.
+    decoder = ImageDecoder(meta, cfg.max_image_pixels, torch_resize=runtime.name == "torch")
     decode_pool = concurrent.futures.ThreadPoolExecutor(cfg.workers, thread_name_prefix="decode")
     body_limit = int(cfg.max_body_mb * 1024 * 1024)
 

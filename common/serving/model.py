@@ -7,23 +7,33 @@ from __future__ import annotations
 import io
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from common.errors import UserError
+from common.images import open_rgb, resize_center_crop
 from common.serving.metadata import ModelMetadata
 
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where it is used, never at the top: `serve --runtime onnxruntime --model-dir DIR` runs without it
+# (the slim serving image, tests/test_serve_onnx.py).
 log = logging.getLogger("convnets")
 
 
 class TorchRuntime:
     def __init__(self, model: torch.nn.Module, meta: ModelMetadata, device: torch.device):
+        import torch
+
         self.model, self.meta, self.device = model, meta, device
         self.memory_format = torch.channels_last if meta.channels_last else torch.contiguous_format
         self.name = "torch"
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
         x = torch.from_numpy(batch).to(self.device).contiguous(memory_format=self.memory_format)
         with torch.inference_mode():
             return self.model(x).float().cpu().numpy()
@@ -45,17 +55,20 @@ class OnnxRuntime:
 
 def load_runtime(checkpoint: str | None, model_dir: str | None, runtime: str, device: str = "auto"):
     """A callable float32 NCHW batch -> probabilities, with ``.meta`` and ``.name``."""
-    from common.distributed import resolve_device
-
     if model_dir:
         meta = ModelMetadata.read(Path(model_dir))
         path = Path(model_dir) / (meta.model_file or "")
         if meta.format == "onnx":
             return OnnxRuntime(str(path), meta)
+        import torch
+
+        from common.distributed import resolve_device
+
         if meta.format == "torchscript":
             dev = resolve_device(device)
             return TorchRuntime(torch.jit.load(str(path), map_location=dev).eval(), meta, dev)
         raise UserError(f"serve --model-dir takes an onnx or torchscript export; {model_dir} holds {meta.format}")
+    from common.distributed import resolve_device
     from common.serving.export import load_checkpoint_model, onnx_bytes  # a checkpoint: exported in memory
 
     dev = resolve_device(device if runtime == "torch" else "cpu")
@@ -67,23 +80,35 @@ def load_runtime(checkpoint: str | None, model_dir: str | None, runtime: str, de
 
 
 class ImageDecoder:
-    """Encoded image bytes -> normalised float32 CHW, with the exact steps of ``evaluate``: ``load_rgb`` (EXIF
-    orientation, every PIL mode to RGB), ``eval_transform`` (resize, center crop), then ``Normalizer``."""
+    """Encoded image bytes -> normalised float32 CHW, with the steps of ``evaluate``: ``open_rgb`` (EXIF orientation,
+    every PIL mode to RGB), resize and center crop, then the mean and std of the export.
 
-    def __init__(self, meta: ModelMetadata, max_pixels: int):
-        from common.data import Normalizer, PipelineSpec, eval_transform
+    ``torch_resize``: resize with ``evaluate``'s own ``eval_transform`` (torchvision), for the torch runtime, so that
+    its answers are exactly ``predict``'s. Without it (ONNX Runtime, which runs where torch is not installed) PIL
+    resizes: the same sizes, pixels within 2 levels of torchvision's on under 1% of them."""
 
-        self.transform = eval_transform(PipelineSpec(image_size=meta.image_size, resize_size=meta.resize_size))
-        self.normalize = Normalizer(torch.device("cpu"), channels_last=False)
-        self.normalize.mean = torch.tensor(meta.mean).view(1, 3, 1, 1) * 255
-        self.normalize.std = torch.tensor(meta.std).view(1, 3, 1, 1) * 255
-        self.max_pixels, self.resize_size = max_pixels, meta.resize_size
+    def __init__(self, meta: ModelMetadata, max_pixels: int, torch_resize: bool = True):
+        self.transform = None
+        if torch_resize:
+            from common.data import PipelineSpec, eval_transform
+
+            self.transform = eval_transform(PipelineSpec(image_size=meta.image_size, resize_size=meta.resize_size))
+        # float32 as the training Normalizer computes them, so that both paths normalise identically.
+        self.mean = np.array(meta.mean, np.float32).reshape(3, 1, 1) * np.float32(255)
+        self.std = np.array(meta.std, np.float32).reshape(3, 1, 1) * np.float32(255)
+        self.max_pixels, self.resize_size, self.image_size = max_pixels, meta.resize_size, meta.image_size
+
+    def _pixels(self, image) -> np.ndarray:
+        """uint8 CHW of the resized, center-cropped RGB image."""
+        if self.transform is None:
+            return resize_center_crop(image, self.resize_size, self.image_size).transpose(2, 0, 1)
+        from torchvision.transforms.v2 import functional as F
+
+        return self.transform(F.pil_to_tensor(image)).numpy()
 
     def __call__(self, data: bytes) -> np.ndarray:
         """Raises ValueError with a message for the client when ``data`` is no usable image."""
         from PIL import Image, UnidentifiedImageError
-
-        from common.data import load_rgb
 
         try:
             # Image.open reads only the header: refuse a decompression bomb before any pixel is decoded.
@@ -106,8 +131,8 @@ class ImageDecoder:
                 f"is resized to {self.resize_size}: over --max-image-pixels {self.max_pixels}"
             )
         try:
-            image = load_rgb(io.BytesIO(data))
+            image = open_rgb(io.BytesIO(data))
         except Exception as e:  # noqa: BLE001 - a truncated or corrupt file: tell the client, keep serving
             reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
             raise ValueError(f"cannot decode the image: {reason}") from None
-        return self.normalize(self.transform(image)[None])[0].numpy()
+        return (self._pixels(image).astype(np.float32) - self.mean) / self.std

@@ -8,12 +8,15 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from common.errors import UserError
 from common.serving.metadata import ModelMetadata
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("convnets")
 
@@ -24,10 +27,14 @@ class EmbeddingRuntime:
     """A callable float32 NCHW batch (normalised, as ImageDecoder gives it) -> L2-normalised embeddings."""
 
     def __init__(self, model: torch.nn.Module, device: torch.device, channels_last: bool):
+        import torch  # here, not at the top: the ONNX server (app.py imports this module) runs without torch
+
         self.model, self.device = model, device
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
         from common.owndata.embed import embed_normalized
 
         x = torch.from_numpy(batch).to(self.device).contiguous(memory_format=self.memory_format)
