@@ -12,9 +12,15 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	@# The page test drives Debian's chromium through Playwright (no browser download); it skips without one.
 	@# apt runs in the background while pip installs: on a new machine both mostly wait on downloads.
-	@{ command -v chromium >/dev/null 2>&1 || apt-get install -y -q chromium >/dev/null 2>&1 \
+	@# The container tests (tests/test_container.py) need Docker's engine and debootstrap, from Debian's packages too.
+	@{ { command -v chromium >/dev/null 2>&1 || apt-get install -y -q chromium >/dev/null 2>&1 \
 	  || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1) \
-	  || echo "note: could not install chromium (needs root and Debian's apt); the browser test will be skipped"; } & \
+	  || echo "note: could not install chromium (needs root and Debian's apt); the browser test will be skipped"; }; \
+	  { { command -v dockerd && command -v debootstrap; } >/dev/null 2>&1 \
+	  || apt-get install -y -q --no-install-recommends docker.io debootstrap >/dev/null 2>&1 \
+	  || (apt-get update -q >/dev/null 2>&1 \
+	      && apt-get install -y -q --no-install-recommends docker.io debootstrap >/dev/null 2>&1) \
+	  || echo "note: could not install docker.io and debootstrap (needs root and Debian's apt); the container tests will be skipped"; }; } & \
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dali,test,serve,deploy,owndata,bench,tracking]' \
 	  && $(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[photos]'; \
 	  status=$$?; wait; exit $$status

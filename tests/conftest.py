@@ -168,3 +168,8 @@ FAST_TRAIN = [
     "--warmup-epochs", "0.5", "--weight-decay", "5e-5", "--min-crop-scale", "0.5", "--print-freq", "1",
     "--label-smoothing", "0.0",
 ]  # fmt: skip
+
+
+def pytest_collection_modifyitems(items):
+    """The container tests last: .ci/run builds their images in the background while the others run."""
+    items.sort(key=lambda item: item.get_closest_marker("container") is not None)
