@@ -67,9 +67,10 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # layer is the large one (about 6 GB: PyPI's torch carries its CUDA libraries) and depends on constraints.txt and
 # the PIP_* arguments alone, so code changes rebuild nothing of it.
 COPY constraints.txt /tmp/constraints.txt
+# hadolint ignore=DL3013 (the versions are constraints.txt's)
 RUN command -v python >/dev/null || ln -s "$(command -v python3)" /usr/local/bin/python \
     && if python -c 'import torch' 2>/dev/null; then echo "torch $(python -c 'import torch; print(torch.__version__)') from the base image"; \
-       else python -m pip install --no-cache-dir -r /tmp/constraints.txt; fi
+       else python -m pip install --no-cache-dir -c /tmp/constraints.txt torch torchvision nvidia-dali-cuda130; fi
 
 # DLLogger is not on PyPI: NVIDIA's repository at a fixed tag (needs git and GitHub). DLLOGGER_REF= (empty) skips it;
 # the logger then writes the same `DLLL {json}` lines itself.
