@@ -46,6 +46,7 @@ CMD ["bash", "-c", "exec convnets serve --runtime onnxruntime --model-dir /model
 
 # ---- full (the default target): training, evaluation, benchmarks, export and serving.
 FROM ${BASE_IMAGE} AS full
+# The same arguments and environment as serve-onnx's: a stage on another base inherits nothing from it.
 ARG PIP_INDEX_URL=https://pypi.org/simple
 ARG PIP_EXTRA_INDEX_URL=
 ARG PIP_FIND_LINKS=
