@@ -8,14 +8,14 @@
 # the versions of constraints.txt (PyPI's builds: they carry their CUDA libraries and run on CPU as well).
 # Package index: pip reads PIP_INDEX_URL, PIP_EXTRA_INDEX_URL, PIP_FIND_LINKS and PIP_TRUSTED_HOST; pass them as build
 # arguments for a corporate mirror or an air-gapped wheel server (they reach the build's RUN steps only, not the
-# image): --build-arg PIP_INDEX_URL=https://pypi.mirror.example.com/simple
+# image; empty: pip's own default): --build-arg PIP_INDEX_URL=https://pypi.mirror.example.com/simple
 ARG BASE_IMAGE=nvcr.io/nvidia/pytorch:25.10-py3
 ARG SERVE_BASE_IMAGE=python:3.11-slim-bookworm
 
 # ---- serve-onnx: `convnets serve --runtime onnxruntime --model-dir DIR` over a `convnets export --format onnx`
 # folder, for CPU nodes. ONNX Runtime, the web server and their few dependencies; no torch.
 FROM ${SERVE_BASE_IMAGE} AS serve-onnx
-ARG PIP_INDEX_URL=https://pypi.org/simple
+ARG PIP_INDEX_URL=
 ARG PIP_EXTRA_INDEX_URL=
 ARG PIP_FIND_LINKS=
 ARG PIP_TRUSTED_HOST=
@@ -47,7 +47,7 @@ CMD ["bash", "-c", "exec convnets serve --runtime onnxruntime --model-dir /model
 # ---- full (the default target): training, evaluation, benchmarks, export and serving.
 FROM ${BASE_IMAGE} AS full
 # The same arguments and environment as serve-onnx's: a stage on another base inherits nothing from it.
-ARG PIP_INDEX_URL=https://pypi.org/simple
+ARG PIP_INDEX_URL=
 ARG PIP_EXTRA_INDEX_URL=
 ARG PIP_FIND_LINKS=
 ARG PIP_TRUSTED_HOST=

@@ -3,7 +3,7 @@
 #   tests/container/base-image.sh            # prints the tag, e.g. convnets-base:bookworm-3f2a9c01d4e5
 # The tag hashes the debootstrap command (variant, suite, packages, mirror) and debootstrap's version; an image with
 # that tag already in the engine's storage is reused, so a second run costs nothing. Needs root and debootstrap.
-# Env: SUITE (bookworm), MIRROR (the machine's first Debian apt source, else deb.debian.org), DOCKER (docker).
+# Env: SUITE (bookworm), MIRROR (default: the machine's first Debian apt source), DOCKER (docker).
 set -euo pipefail
 
 SUITE=${SUITE:-bookworm}
@@ -13,7 +13,10 @@ if [[ -z ${MIRROR:-} ]]; then
   # deb822 (/etc/apt/sources.list.d/*.sources) or one-line sources: the first Debian archive this machine uses.
   MIRROR=$(grep -rhoE 'https?://[^ ]*/debian/?( |$)' /etc/apt/sources.list /etc/apt/sources.list.d/ 2>/dev/null \
     | head -n 1 | tr -d ' ' || true)
-  MIRROR=${MIRROR:-http://deb.debian.org/debian}
+  if [[ -z $MIRROR ]]; then
+    echo "base-image.sh: no Debian archive in this machine's apt sources; set MIRROR=<a Debian mirror URL>" >&2
+    exit 2
+  fi
 fi
 
 recipe="debootstrap --variant=minbase --include=$PACKAGES $SUITE ROOT $MIRROR"

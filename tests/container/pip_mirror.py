@@ -97,12 +97,19 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         pass
 
 
+def default_index() -> str:
+    """pip's own default index, where no configuration names one."""
+    from pip._internal.models.index import PyPI
+
+    return PyPI.simple_url
+
+
 class PipMirror:
     """Serves the merged index on 127.0.0.1 in a thread (``with PipMirror() as m: m.docker_args()``)."""
 
     def __init__(self, config: dict[str, list[str]] | None = None, port: int = PORT):
         config = pip_config() if config is None else config
-        self.upstream = (config["index-url"] or ["https://pypi.org/simple"])[0].rstrip("/") + "/"
+        self.upstream = (config["index-url"] or [default_index()])[0].rstrip("/") + "/"
         self.indexes = [p for p in map(local_path, config["extra-index-url"]) if p is not None and p.is_dir()]
         self.find_links = [p for p in map(local_path, config["find-links"]) if p is not None and p.is_dir()]
         self.tls = ssl.create_default_context(cafile=config["cert"][0] if config["cert"] else None)
