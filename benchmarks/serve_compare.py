@@ -269,6 +269,7 @@ def main() -> None:
     p.add_argument("--max-batch-size", type=int, default=16)
     p.add_argument("--max-queue-delay-ms", type=float, default=5.0)
     p.add_argument("--payload", choices=("image", "tensor", "both"), default="both", help="what a request carries")
+    p.add_argument("--serve-args", default="", help="more options for our server, e.g. '--threads 2'")
     p.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/<device>/serve_compare.json")
     args = p.parse_args()
 
@@ -282,7 +283,7 @@ def main() -> None:
     _, meta = load_checkpoint_model(checkpoint, torch.device("cpu"))
     args.image_size = meta.image_size
     ours = [sys.executable, "-m", "common", "serve", "--checkpoint", checkpoint, "--model-name", "m",
-            "--max-queue-delay-ms", str(args.max_queue_delay_ms)]  # fmt: skip
+            "--max-queue-delay-ms", str(args.max_queue_delay_ms), *args.serve_args.split()]  # fmt: skip
     (workdir / "litserve_app.py").write_text(LITSERVE_APP)
     # argv: checkpoint, max batch size, batch timeout (ms), repository root; run_one appends the port.
     lit = [sys.executable, str(workdir / "litserve_app.py"), checkpoint, str(args.max_batch_size),
@@ -334,6 +335,7 @@ def main() -> None:
             "warmup_s": args.warmup,
             "max_batch_size": args.max_batch_size,
             "max_queue_delay_ms": args.max_queue_delay_ms,
+            "serve_args": args.serve_args,
         },  # fmt: skip
         "results": results,
         "ratios": ratios,

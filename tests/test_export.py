@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +108,29 @@ def test_serve_runtime_from_onnx_export_folder(onnx_export, torch_model):
     assert runtime.name == "onnxruntime" and runtime.meta.classes == CLASSES
     with torch.inference_mode():
         np.testing.assert_allclose(runtime(batch(2)), torch_model(torch.from_numpy(batch(2))).numpy(), atol=1e-5)
+
+
+def test_serve_runtimes_compute_with_the_threads_asked_for(onnx_export, checkpoint):
+    """`serve --threads N` sizes the forward pass's thread pool of either runtime; the default leaves a core to
+    the HTTP loop (issue 17: on 2 cores the model's second thread fought the server's own work)."""
+    from common.errors import UserError
+    from common.serving.config import ServeConfig
+    from common.serving.model import load_runtime
+
+    out, _ = onnx_export
+    onnx = load_runtime(None, str(out / "model"), "torch", None, threads=1)
+    assert onnx.session.get_session_options().intra_op_num_threads == 1
+    before = torch.get_num_threads()
+    try:
+        load_runtime(str(checkpoint), None, "torch", "cpu", threads=1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    cores = len(os.sched_getaffinity(0))
+    assert ServeConfig(checkpoint="c").model_threads == max(1, cores - 1)
+    assert ServeConfig(checkpoint="c", threads=3).model_threads == 3
+    with pytest.raises(UserError, match="--threads must be at least 1, got 0"):
+        ServeConfig(checkpoint="c", threads=0).check()
 
 
 @pytest.mark.parametrize("fmt", ["torchscript", "exported-program"])

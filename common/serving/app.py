@@ -56,7 +56,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 def create_app(cfg: ServeConfig, runtime=None) -> FastAPI:
     """The ASGI app serving ``runtime`` (loaded from ``cfg`` when not given)."""
-    runtime = runtime or load_runtime(cfg.checkpoint, cfg.model_dir, cfg.runtime, cfg.device)
+    runtime = runtime or load_runtime(cfg.checkpoint, cfg.model_dir, cfg.runtime, cfg.device, cfg.model_threads)
     meta = runtime.meta
     name = cfg.model_name or meta.arch
     metrics = ServerMetrics(cfg.max_batch_size)

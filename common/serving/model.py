@@ -24,9 +24,12 @@ log = logging.getLogger("convnets")
 
 
 class TorchRuntime:
-    def __init__(self, model: torch.nn.Module, meta: ModelMetadata, device: torch.device):
+    def __init__(self, model: torch.nn.Module, meta: ModelMetadata, device: torch.device, threads: int | None = None):
         import torch
 
+        if threads is not None and device.type == "cpu":
+            # One process-wide setting; the model thread is the only one computing with torch here.
+            torch.set_num_threads(threads)
         self.model, self.meta, self.device = model, meta, device
         self.memory_format = torch.channels_last if meta.channels_last else torch.contiguous_format
         self.name = "torch"
@@ -40,12 +43,15 @@ class TorchRuntime:
 
 
 class OnnxRuntime:
-    def __init__(self, model: bytes | str, meta: ModelMetadata):
+    def __init__(self, model: bytes | str, meta: ModelMetadata, threads: int | None = None):
         import onnxruntime as ort
 
         available = ort.get_available_providers()
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-        self.session = ort.InferenceSession(model, providers=providers)
+        options = ort.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(model, options, providers=providers)
         self.meta, self.name = meta, "onnxruntime"
         log.info("onnxruntime providers: %s", ", ".join(self.session.get_providers()))
 
@@ -53,20 +59,22 @@ class OnnxRuntime:
         return self.session.run([self.meta.output_name], {self.meta.input_name: batch})[0]
 
 
-def load_runtime(checkpoint: str | None, model_dir: str | None, runtime: str, device: str = "auto"):
-    """A callable float32 NCHW batch -> probabilities, with ``.meta`` and ``.name``."""
+def load_runtime(checkpoint: str | None, model_dir: str | None, runtime: str, device: str = "auto",
+                 threads: int | None = None):  # fmt: skip
+    """A callable float32 NCHW batch -> probabilities, with ``.meta`` and ``.name``; ``threads``: the CPU threads
+    of one forward pass (None: the library's default)."""
     if model_dir:
         meta = ModelMetadata.read(Path(model_dir))
         path = Path(model_dir) / (meta.model_file or "")
         if meta.format == "onnx":
-            return OnnxRuntime(str(path), meta)
+            return OnnxRuntime(str(path), meta, threads)
         import torch
 
         from common.distributed import resolve_device
 
         if meta.format == "torchscript":
             dev = resolve_device(device)
-            return TorchRuntime(torch.jit.load(str(path), map_location=dev).eval(), meta, dev)
+            return TorchRuntime(torch.jit.load(str(path), map_location=dev).eval(), meta, dev, threads)
         raise UserError(f"serve --model-dir takes an onnx or torchscript export; {model_dir} holds {meta.format}")
     from common.distributed import resolve_device
     from common.serving.export import load_checkpoint_model, onnx_bytes  # a checkpoint: exported in memory
@@ -74,9 +82,9 @@ def load_runtime(checkpoint: str | None, model_dir: str | None, runtime: str, de
     dev = resolve_device(device if runtime == "torch" else "cpu")
     model, meta = load_checkpoint_model(checkpoint, dev)
     if runtime == "torch":
-        return TorchRuntime(model, meta, dev)
+        return TorchRuntime(model, meta, dev, threads)
     log.info("exporting %s to ONNX for onnxruntime", checkpoint)
-    return OnnxRuntime(onnx_bytes(model, meta), meta)
+    return OnnxRuntime(onnx_bytes(model, meta), meta, threads)
 
 
 class ImageDecoder:
