@@ -187,22 +187,36 @@ def group_cpu_seconds(pgid: int) -> float:
     return total
 
 
-def model_images_per_s(checkpoint: str, batch: int, seconds: float = 3.0) -> float:
-    """The served network's own throughput at ``batch``: forward passes in this process, as the server runs them."""
+def model_images_per_s(checkpoint: str, batch: int, threads: int, seconds: float = 3.0) -> float:
+    """The served network's own throughput at ``batch``: forward passes in this process on ``threads`` threads, as
+    the server runs them (with no server or client running)."""
     import torch
 
     from common.serving.export import load_checkpoint_model
 
     model, meta = load_checkpoint_model(checkpoint, torch.device("cpu"))
     x = torch.randn(batch, 3, meta.image_size, meta.image_size)
-    with torch.inference_mode():
-        for _ in range(3):
-            model(x)
-        start, runs = time.perf_counter(), 0
-        while time.perf_counter() - start < seconds:
-            model(x)
-            runs += 1
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            for _ in range(3):
+                model(x)
+            start, runs = time.perf_counter(), 0
+            while time.perf_counter() - start < seconds:
+                model(x)
+                runs += 1
+    finally:
+        torch.set_num_threads(before)
     return batch * runs / (time.perf_counter() - start)
+
+
+def served_threads(serve_args: list[str]) -> int:
+    """The model threads our server runs with: ``--threads N`` where given, else its default."""
+    from common.serving.config import ServeConfig
+
+    given = serve_args[serve_args.index("--threads") + 1] if "--threads" in serve_args else None
+    return ServeConfig(checkpoint="-", threads=int(given) if given else None).model_threads
 
 
 def mean_batch(url: str) -> float | None:
@@ -295,6 +309,7 @@ def main() -> None:
         "litserve": lit,
     }
     payloads = ("image", "tensor") if args.payload == "both" else (args.payload,)
+    threads = served_threads(args.serve_args.split())
     results, ratios = {}, {}
     for payload in payloads:
         results[payload] = {
@@ -303,7 +318,7 @@ def main() -> None:
         for name in ("ours_dynamic_batching", "ours_batch_size_1"):
             r = results[payload][name]
             batch = max(1, round(r["mean_batch_size"] or 1))
-            r["model_images_per_s_at_mean_batch"] = model_images_per_s(checkpoint, batch)
+            r["model_images_per_s_at_mean_batch"] = model_images_per_s(checkpoint, batch, threads)
             r["efficiency"] = r["requests_per_s"] / r["model_images_per_s_at_mean_batch"]
         rps = {k: v["requests_per_s"] for k, v in results[payload].items()}
         ratios[payload] = {
@@ -336,6 +351,7 @@ def main() -> None:
             "max_batch_size": args.max_batch_size,
             "max_queue_delay_ms": args.max_queue_delay_ms,
             "serve_args": args.serve_args,
+            "model_threads": threads,
         },  # fmt: skip
         "results": results,
         "ratios": ratios,
