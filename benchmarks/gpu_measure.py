@@ -16,30 +16,14 @@ import numpy as np
 import torch
 
 from benchmarks import compare
-from benchmarks.gpu_steps import Context, Skip, nvml_name, sync
+from benchmarks.gpu_steps import Context, Skip, nvml_name, peak_flops, sync
 from common.benchmark import run_benchmark
 from common.config import BenchmarkConfig
 from common.info import count_model
 
-# Dense FP16/BF16 tensor-core peaks (FLOP/s) by NVML name. NVIDIA's datasheets give them "with sparsity";
-# dense is half: H200 SXM and H100 SXM 1,979 TFLOPS sparse (NVIDIA H200 Tensor Core GPU datasheet, 2024; H100
-# datasheet), H200 NVL 1,671. A bf16 8192^3 matmul measured 769 to 798 TFLOP/s on this workplace's H200
-# (.library/device/KINDS.md): an MFU of 0.8 would already be at that practical ceiling.
-PEAK_FP16_DENSE = {
-    "NVIDIA H200": 989.4e12,
-    "NVIDIA H200 NVL": 835.5e12,
-    "NVIDIA H100 80GB HBM3": 989.4e12,
-    "NVIDIA A100-SXM4-80GB": 312e12,
-    "NVIDIA A100-SXM4-40GB": 312e12,
-}
 BACKENDS = ("synthetic", "pytorch", "dali-gpu", "dali-cpu")
 OTHER_MODELS = (("mobilenet_v1", "mobilenet_v1", 1.0), ("mobilenet_v1_0.5", "mobilenet_v1", 0.5),
                 ("mobilenet_v2", "mobilenet_v2", None), ("vgg16_bn", "vgg16_bn", None))  # fmt: skip
-
-
-def peak_flops(name: str | None) -> float | None:
-    """The device's dense fp16 peak, or None for a device not in the table (a CPU, an unlisted GPU)."""
-    return PEAK_FP16_DENSE.get(name or "")
 
 
 @functools.lru_cache

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -160,7 +161,7 @@ class Session:
 
             ctx = gpu_steps.Context(dry=self.dry, work=self.work, out=self.out, records_path=records_path,
                                     previous=self.results["steps"])  # fmt: skip
-            gpu_steps.run(step.name, ctx)
+            run_step(step.name, ctx)
             return 0
         except BaseException:  # noqa: BLE001 - whatever it was, it goes to the log and the results, not further
             error_path.write_text(traceback.format_exc())
@@ -238,6 +239,37 @@ def main(argv: list[str] | None = None) -> int:
     session = Session(args.out, work, args.dry, limits(args.dry, os.environ.get("GPU_SESSION_LIMITS", "")), deadline)
     results = session.run(list(names))
     return 0 if all(s["status"] in ("ok", "skipped") for s in results["steps"]) else 1
+
+
+def step_functions() -> dict:
+    """Each step's function, by the name the table gives it."""
+    from benchmarks import gpu_measure
+    from benchmarks.gpu_steps import data, ddp_world_one, env, gpu_tests, profile
+
+    return {
+        "env": env,
+        "data": data,
+        "gpu_tests": gpu_tests,
+        "ddp_world_one": ddp_world_one,
+        "train_resnet50": gpu_measure.train_resnet50,
+        "train_compile": gpu_measure.train_compile,
+        "profile": profile,
+        "inference": gpu_measure.inference,
+        "other_models": gpu_measure.other_models,
+        "dali_tests": functools.partial(gpu_tests, select="dali"),
+        "train_dali": functools.partial(
+            gpu_measure.train_resnet50, backends=("dali-gpu", "dali-cpu"), baselines=False
+        ),  # fmt: skip
+    }
+
+
+def run_step(name: str, ctx) -> None:
+    """Run step ``name`` (in the forked child)."""
+    from benchmarks import gpu_steps
+
+    if ctx.dry:
+        gpu_steps.dry_compile()
+    step_functions()[name](ctx)
 
 
 if __name__ == "__main__":
