@@ -183,7 +183,7 @@ def plan_ratios(device: torch.device, data: Path, quick: bool) -> dict:
             "ratio_loaders": lambda: loaders(data, device, 224, 32, workers, 8, 2, 2),
             "ratio_engine_vs_plain_loop": lambda: engine_vs_plain("resnet18", device, 64, 16, 4, 3),
             # The point of issue 17's measurement (batch 32, contiguous): where the engine's CPU optimizer lost 11%.
-            "ratio_engine_vs_plain_loop_bs32": lambda: engine_vs_plain("resnet18", device, 64, 32, 4, 3, "contiguous"),
+            "ratio_engine_vs_plain_loop_bs32": lambda: engine_vs_plain("resnet18", device, 64, 32, 12, 6, "contiguous"),
             "ratio_inference_backends": lambda: inference_backends("resnet18", device, 64, (1, 8, 64), 5, 2),
         }
     batch = 256 if device.type == "cuda" else 32
