@@ -43,6 +43,24 @@ CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_t
 PACKAGES = ("torch", "torchvision", "numpy", "pillow", "nvidia-dali-cuda130")
 
 
+def cpu_model() -> str:
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next(line.split(":", 1)[1].split() for line in f if line.startswith("flags")))
+    except (OSError, StopIteration):
+        return set()
+
+
 def run_environment() -> dict:
     """Threads, thread variables, package versions, CPU model and instruction sets of this process."""
     import platform
@@ -56,14 +74,7 @@ def run_environment() -> dict:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = None
-    cpu, flags = platform.processor() or "unknown", set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = f.read()
-        cpu = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), cpu)
-        flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
-    except OSError:
-        pass
+    flags = cpu_flags()
     return {
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
@@ -71,7 +82,7 @@ def run_environment() -> dict:
         "thread_variables": {k: os.environ[k] for k in THREAD_VARIABLES if k in os.environ},
         "python": platform.python_version(),
         "versions": versions,
-        "cpu_model": cpu,
+        "cpu_model": cpu_model(),
         "cpu_flags": [f for f in CPU_FLAGS if f in flags],
     }
 
