@@ -16,6 +16,7 @@ tests/container/engine.sh; without root, Docker's packages or debootstrap the mo
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import json
 import os
@@ -258,10 +259,16 @@ def test_compose_serve_answers_as_predict_and_stops_with_requests_in_flight(comp
     want = host_predict(trained / "best.pt", image)
     assert list(got)[:4] == list(want) and np.allclose([got[c] for c in want], list(want.values()), atol=2e-6)
 
-    # `stop` while 8 clients send requests, one connection each: every request the server accepted is answered.
+    # `stop` while 8 clients send requests, one connection each: every request the server read is answered. A
+    # connection still in the kernel's accept queue when uvicorn closes its socket is reset before the server sees
+    # it (no server can answer those: only a load balancer that stops sending first avoids them), so a client may
+    # see a reset, a close without an answer or a refusal after `stop` began, never an error status or a cut
+    # answer; and the server's own count at exit (received = answered = every answer the clients got) proves that
+    # none it read was dropped.
     body = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
                                    "data": [base64.b64encode(image_bytes(3)).decode()]}]}).encode()  # fmt: skip
-    answered, failed, stopping = [], [], threading.Event()
+    answered, unanswered, failed, stopping = [], [], [], threading.Event()
+    never_read = (ConnectionRefusedError, ConnectionResetError, http.client.RemoteDisconnected)
 
     def client_loop() -> None:
         while True:
@@ -272,13 +279,9 @@ def test_compose_serve_answers_as_predict_and_stops_with_requests_in_flight(comp
                 with urllib.request.urlopen(request, timeout=30) as r:
                     assert r.status == 200 and json.loads(r.read())["outputs"]
                 answered.append((started, time.time()))
-            except urllib.error.URLError as e:
-                if isinstance(e.reason, ConnectionRefusedError) and stopping.is_set():
-                    return  # the listener is closed: the request was never accepted
-                failed.append(repr(e))
-                return
-            except Exception as e:  # noqa: BLE001 - a reset or a truncated answer: reported below
-                failed.append(repr(e))
+            except Exception as e:  # noqa: BLE001 - sorted below
+                reason = e.reason if isinstance(e, urllib.error.URLError) else e
+                (unanswered if stopping.is_set() and isinstance(reason, never_read) else failed).append(repr(e))
                 return
 
     threads = [threading.Thread(target=client_loop) for _ in range(8)]
@@ -293,6 +296,13 @@ def test_compose_serve_answers_as_predict_and_stops_with_requests_in_flight(comp
     assert not failed, failed
     assert any(s < stop_at < e for s, e in answered), "no request was in flight when stop began"
     assert len(answered) > 8
+    logs = compose("logs", "--no-color", "serve").stdout
+    # The tritonclient request above, then the loop's: all the server received, all answered, none with an error.
+    n = len(answered) + 1
+    assert f"server stopped: {n} inference requests received, {n} answered (0 with an error)" in logs, (
+        f"{len(answered)} answered and {len(unanswered)} never read by the server ({unanswered}) by the clients; "
+        f"the server's log ends:\n{logs[-2000:]}"
+    )
 
 
 def test_compose_run_benchmark_writes_its_result(compose, volumes):

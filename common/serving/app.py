@@ -108,7 +108,8 @@ def create_app(cfg: ServeConfig, runtime=None) -> FastAPI:
         if embed_batcher:
             await embed_batcher.stop()
         decode_pool.shutdown(wait=True)
-        log.info("server stopped")
+        log.info("server stopped: %d inference requests received, %d answered (%d with an error)",
+                 *metrics.infer_totals(name))  # fmt: skip
 
     app = FastAPI(title="convnets KServe v2 server", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.ready = False

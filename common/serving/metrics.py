@@ -34,3 +34,13 @@ class ServerMetrics:
                                             buckets=LATENCY_BUCKETS, registry=self.registry)  # fmt: skip
         self.similar_batch_size = Histogram("convnets_similar_batch_size", "rows per forward pass of the embedding "
                                             "batcher", ["model"], buckets=sizes, registry=self.registry)  # fmt: skip
+
+    def infer_totals(self, model: str) -> tuple[int, int, int]:
+        """Inference requests received, answered, and answered with an error so far (the line the server logs
+        when it stops: received equals answered when none was dropped)."""
+        value = self.registry.get_sample_value
+        received = value("convnets_inference_requests_total", {"model": model}) or 0
+        succeeded = value("convnets_inference_latency_seconds_count", {"model": model}) or 0
+        failed = sum(s.value for m in self.failures.collect() for s in m.samples
+                     if s.name.endswith("_total") and s.labels["model"] == model)  # fmt: skip
+        return int(received), int(succeeded + failed), int(failed)
