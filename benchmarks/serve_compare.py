@@ -6,10 +6,10 @@ batch settings, serving the same model on one machine in one run, under the same
 Without --checkpoint a resnet18 with 4 classes at 32x32 (untrained: speed does not depend on the weights) is
 written to a temporary folder. Every request carries one input, of each kind in turn (--payload image|tensor|both):
 a 48x48 PNG file as a BYTES element, which each server decodes and preprocesses as `evaluate` does, or a
-preprocessed FP32 [1,3,S,S] tensor; the answer is its probabilities. Our server gets what tritonclient sends it:
-tensors in Triton's binary extension, images as base64 JSON; LitServe reads only JSON bodies, so it gets both as
-JSON. Each server runs in its own process, one after another; the clients are threads of this process, each with
-its own tritonclient connection.
+preprocessed FP32 [1,3,S,S] tensor; the answer is its probabilities. Our server gets what tritonclient sends by
+default: both kinds in Triton's binary extension (the PNG file's own bytes, the tensor's raw floats); LitServe reads
+only JSON bodies, so it gets both as JSON (the PNG base64-encoded). Each server runs in its own process, one after
+another; the clients are threads of this process, each with its own tritonclient connection.
 
 Beside requests per second, p50/p99 latency and mean batch sizes, each run records the CPU seconds per request of
 the server (its process group) and of the clients (this process), since both share the machine's cores, and for
@@ -134,7 +134,9 @@ def load(url: str, model: str, size: int, clients: int, seconds: float, warmup: 
 
         buffer = io.BytesIO()
         Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(buffer, "PNG")
-        x, name, dtype = np.array([base64.b64encode(buffer.getvalue()).decode()], dtype=np.object_), "image", "BYTES"
+        # Triton's binary extension carries the file's own bytes; JSON carries them base64-encoded.
+        element = buffer.getvalue() if binary else base64.b64encode(buffer.getvalue()).decode()
+        x, name, dtype = np.array([element], dtype=np.object_), "image", "BYTES"
     start = time.perf_counter()
     measure_from, stop_at = start + warmup, start + warmup + seconds
     latencies: list[list[float]] = [[] for _ in range(clients)]
@@ -144,7 +146,7 @@ def load(url: str, model: str, size: int, clients: int, seconds: float, warmup: 
     def client(i: int) -> None:
         c = httpclient.InferenceServerClient(url, network_timeout=120)
         inp = httpclient.InferInput(name, list(x.shape), dtype)
-        inp.set_data_from_numpy(x, binary_data=binary and payload == "tensor")
+        inp.set_data_from_numpy(x, binary_data=binary)
         out = [httpclient.InferRequestedOutput("probabilities", binary_data=binary)]
         while (t0 := time.perf_counter()) < stop_at:
             try:
