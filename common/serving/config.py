@@ -56,7 +56,7 @@ class ExportConfig:
         else:
             given = [f"--{n.replace('_', '-')}" for n in ("calibration_data", "check_data") if getattr(self, n)]
             if given:
-                raise UserError(f"{' and '.join(given)} only apply with --int8")
+                raise UserError(f"{' and '.join(given)} given without --int8, the export they belong to")
         return self
 
 
