@@ -145,3 +145,20 @@ def test_registry_refuses_a_second_format_of_one_name():
     with pytest.raises(ValueError, match="'eager' is registered twice"):
         runners.register("eager", "cpu", "fp32", "again")(lambda subject: None)
     assert runners.FORMATS["eager"].description.startswith("PyTorch eager")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="needs the openvino extra (pip install "
+                    "-e '.[openvino]', which make setup does)")  # fmt: skip
+def test_openvino_runs_the_fp32_and_int8_onnx_models(trained_colors, tmp_path):
+    """OpenVINO reads the same two ONNX models as ONNX Runtime (the INT8 one made once for both): the same FP32
+    top-1, and INT8 within an image of ONNX Runtime's INT8."""
+    data, checkpoint = trained_colors
+    cfg = config.BenchmarkConfig(mode="formats", checkpoint=str(checkpoint), data=str(data), batch_sizes="2",
+                                 formats="onnxruntime,onnxruntime-int8,openvino,openvino-int8", iterations=1, warmup=1,
+                                 workers=0, device="cpu", json=str(tmp_path / "openvino.json"))  # fmt: skip
+    with contextlib.redirect_stdout(io.StringIO()):
+        result = run_formats(cfg)
+    top1 = {name: f["top1"] for name, f in result["formats"].items()}
+    assert list(top1) == ["onnxruntime", "onnxruntime-int8", "openvino", "openvino-int8"], result["unavailable"]
+    assert top1["openvino"] == top1["onnxruntime"]
+    assert abs(top1["openvino-int8"] - top1["onnxruntime-int8"]) <= 100 / 48 + 1e-9
