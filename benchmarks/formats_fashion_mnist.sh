@@ -2,10 +2,10 @@
 # Every export format's speed and top-1 (`convnets benchmark --mode formats`) for three models trained on
 # Fashion-MNIST at 32 px: ResNet-18, MobileNet v2 and VGG-11 with batch norm; then the report.
 #   bash benchmarks/formats_fashion_mnist.sh [convnets benchmark options, e.g. --iterations 50]
-# Each model is trained briefly unless CHECKPOINTS/<arch>/best.pt exists (then it is reused): one epoch of
-# TRAIN_STEPS steps of 128 images (200: 25,600 of the 60,000 training images) with its recipe's Fashion-MNIST
-# profile. Results: RESULTS/formats_<arch>.json (default benchmarks/results/<device>/). Settings (environment):
-#   DATA=data/fashion-mnist CHECKPOINTS=runs/formats ARCHS="resnet18 mobilenet_v2 vgg11_bn" TRAIN_STEPS=200
+# Each model is trained briefly unless CHECKPOINTS/<arch>/best.pt exists (then it is reused): one epoch cut to the
+# steps of 128 images listed below (200: 25,600 of the 60,000 training images; VGG-11, half as fast to train on a
+# CPU, 100), with its recipe's Fashion-MNIST profile. Results: RESULTS/formats_<arch>.json. Settings (environment):
+#   DATA=data/fashion-mnist CHECKPOINTS=runs/formats ARCHS="resnet18 mobilenet_v2 vgg11_bn" TRAIN_STEPS (all models)
 #   BATCH_SIZES=1,8,64 RESULTS=benchmarks/results/<device> REPORT=1 (0: skip python -m benchmarks.report) TRAIN_ARGS=
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../common/python.sh"
@@ -16,7 +16,6 @@ done
 DATA="${DATA:-data/fashion-mnist}"
 CHECKPOINTS="${CHECKPOINTS:-runs/formats}"
 ARCHS="${ARCHS:-resnet18 mobilenet_v2 vgg11_bn}"
-TRAIN_STEPS="${TRAIN_STEPS:-200}"
 BATCH_SIZES="${BATCH_SIZES:-1,8,64}"
 if [[ -z "${RESULTS:-}" ]]; then
   RESULTS="benchmarks/results/$("$PYTHON" -c 'from benchmarks.environment import device_slug
@@ -24,20 +23,21 @@ from common.distributed import resolve_device
 print(device_slug(resolve_device("auto")))')"
 fi
 
-# arch, then the recipe launcher and profile it trains with (the recipes' own Fashion-MNIST settings at 32 px).
-RECIPES="resnet18 resnet50/train_1gpu.sh quickstart
-mobilenet_v2 mobilenet/train_1gpu.sh fashion-mnist
-vgg11_bn vgg/train_1gpu.sh fashion-mnist"
+# arch, the recipe launcher and profile it trains with (the recipes' own Fashion-MNIST settings at 32 px), steps.
+RECIPES="resnet18 resnet50/train_1gpu.sh quickstart 200
+mobilenet_v2 mobilenet/train_1gpu.sh fashion-mnist 200
+vgg11_bn vgg/train_1gpu.sh fashion-mnist 100"
 
 read -r -a train_args <<<"${TRAIN_ARGS:-}"  # more training options, e.g. TRAIN_ARGS="--workers 1"
 for arch in $ARCHS; do
-  read -r _ launcher profile < <(grep "^$arch " <<<"$RECIPES") || { echo "no recipe line for $arch in $0" >&2; exit 2; }
+  read -r _ launcher profile steps < <(grep "^$arch " <<<"$RECIPES") \
+    || { echo "no recipe line for $arch in $0" >&2; exit 2; }
   checkpoint="$CHECKPOINTS/$arch/best.pt"
   if [[ -f "$checkpoint" ]]; then
     echo "reusing $checkpoint (remove it to train again)"
   else
     bash "$launcher" --profile "$profile" --arch "$arch" --data "$DATA" --output "$CHECKPOINTS/$arch" --epochs 1 \
-      --max-steps-per-epoch "$TRAIN_STEPS" "${train_args[@]}"
+      --max-steps-per-epoch "${TRAIN_STEPS:-$steps}" "${train_args[@]}"
   fi
   "$PYTHON" -m common benchmark --mode formats --checkpoint "$checkpoint" --data "$DATA" \
     --batch-sizes "$BATCH_SIZES" --json "$RESULTS/formats_$arch.json" "$@"

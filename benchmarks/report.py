@@ -538,7 +538,8 @@ def build(results: Path, out: Path) -> Path:
     accuracy = _accuracy([r for d in devices for r in d.runs])
     lines = [HEADER, "## Devices", ""]
     lines += [f"- `results/{d.slug}/`: {d.label} ({len(d.points)} points, {len(d.ratios)} comparisons, "
-              f"{len(d.runs)} training runs, {len(d.formats)} formats tables)" for d in devices]  # fmt: skip
+              f"{len(d.runs)} training runs{f', {len(d.formats)} formats tables' if d.formats else ''})"
+              for d in devices]  # fmt: skip
     for dev in devices:
         if not dev.points:
             continue

@@ -84,8 +84,10 @@ def plot_formats(dev, plots: Path, save, log_axes) -> str | None:
                         textcoords="offset points", arrowprops={"arrowstyle": "-", "lw": 0.4})  # fmt: skip
         ax.set(xscale="log", xlabel=f"images / s at batch {batch}", ylabel="top-1 (%)", title=f"{r['arch']}")
         log_axes(ax)
+        ax.margins(x=0.2)  # room for the rightmost point's label
         ax.grid(True, which="both", alpha=0.3)
     fig.suptitle(f"every format, speed against accuracy (squares: INT8): {dev.label}", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
     name = f"{dev.slug}_formats.png"
     save(fig, plots / name)
     plt.close(fig)

@@ -5,10 +5,12 @@ stdout, one JSON file; the formats that cannot run here are listed with the reas
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 from importlib import metadata
@@ -76,7 +78,7 @@ def _subject(cfg: BenchmarkConfig, device: torch.device, max_batch: int) -> Subj
 
 
 def _inputs(loader, batch: int) -> torch.Tensor:
-    """The first ``batch`` validation images (repeated when there are fewer): real pixels for the timing."""
+    """The first ``batch`` validation images (repeated when there are fewer): every format is timed on these pixels."""
     x = next(iter(loader))[0]
     return x.repeat(-(-batch // len(x)), 1, 1, 1)[:batch].contiguous()
 
@@ -100,15 +102,17 @@ def time_batches(run: Runner, x: torch.Tensor, warmup: int, iterations: int) -> 
     }
 
 
-def measure(fmt: Format, subject: Subject, loader, batch_sizes: list[int], cfg: BenchmarkConfig) -> dict:
-    """One format: built, timed at each batch size, then its top-1; raises Unavailable or the format's error."""
+def measure(fmt: Format, subject: Subject, inputs: torch.Tensor, loader, batch_sizes: list[int],
+            cfg: BenchmarkConfig) -> dict:  # fmt: skip
+    """One format: built, timed at each batch size on the first images of ``inputs``, then its top-1 over
+    ``loader``; raises Unavailable or the format's own error."""
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     started = time.perf_counter()
     run = fmt.build(subject)
     built = time.perf_counter() - started
     by_batch = {}
     for batch in batch_sizes:
-        by_batch[str(batch)] = time_batches(run, _inputs(loader, batch), cfg.warmup, cfg.iterations)
+        by_batch[str(batch)] = time_batches(run, inputs[:batch].contiguous(), cfg.warmup, cfg.iterations)
     result = top1(run, loader, subject.meta)
     device = subject.device.type if fmt.device == "auto" else fmt.device
     return {"precision": fmt.precision, "device": device, "description": fmt.description, "top1": result.top1,
@@ -143,11 +147,12 @@ def run_formats(cfg: BenchmarkConfig) -> dict:
     path = Path(cfg.json or f"formats_{subject.meta.arch}.json")
     if not cfg.json:
         log.info("results go to %s (no --json given)", path)
+    inputs = _inputs(loader, max(batch_sizes))
     measured, unavailable = {}, {}
     for fmt in formats:
         log.info("%s: %s", fmt.name, fmt.description)
         try:
-            measured[fmt.name] = measure(fmt, subject, loader, batch_sizes, cfg)
+            measured[fmt.name] = measure(fmt, subject, inputs, loader, batch_sizes, cfg)
         except Unavailable as e:
             unavailable[fmt.name] = str(e)
         except Exception as e:  # noqa: BLE001 - a format failing here (a compiler missing, an op unsupported) is a result
@@ -172,7 +177,8 @@ def run_formats(cfg: BenchmarkConfig) -> dict:
         "device": device_name(device),
         "versions": _versions(),
         "environment": run_environment(),
-        "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
+        "command": shlex.join(["convnets", *sys.argv[1:]]),
+        "args": dataclasses.asdict(cfg),
         "formats": measured,
         "unavailable": unavailable,
     }
