@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import logging
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,8 +19,6 @@ import torch
 
 from common.data import ImageList
 from common.serving.metadata import ModelMetadata
-
-log = logging.getLogger("convnets")
 
 Runner = Callable[[torch.Tensor], "np.ndarray | torch.Tensor"]
 
