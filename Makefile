@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	  || (apt-get update -q >/dev/null 2>&1 \
 	      && apt-get install -y -q --no-install-recommends docker.io debootstrap >/dev/null 2>&1) \
 	  || echo "note: could not install docker.io and debootstrap (needs root and Debian's apt); the container tests will be skipped"; }; } & \
-	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dali,test,serve,deploy,owndata,bench,tracking]' \
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dali,test,serve,deploy,owndata,bench,tracking,openvino]' \
 	  && $(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[photos]'; \
 	  status=$$?; wait; exit $$status
 	touch $@

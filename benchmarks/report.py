@@ -19,6 +19,7 @@ from pathlib import Path
 
 import tomllib
 
+from benchmarks.report_formats import formats_section, is_formats_result
 from common.checkpoint import atomic_write_text
 from common.errors import UserError
 
@@ -34,6 +35,7 @@ class Device:
     points: list[dict] = field(default_factory=list)
     runs: list[dict] = field(default_factory=list)  # training runs with accuracy
     ratios: list[dict] = field(default_factory=list)
+    formats: list[dict] = field(default_factory=list)  # convnets benchmark --mode formats, one file per model
     gpu: str | None = None
 
 
@@ -68,7 +70,9 @@ def load(results: Path) -> list[Device]:
             env = r.get("environment", {})
             if env.get("gpu_name"):
                 dev.gpu = env["gpu_name"]
-            if "final_top1" in r:
+            if is_formats_result(r):
+                dev.formats.append(r)
+            elif "final_top1" in r:
                 dev.runs.append(r)
             elif "throughput_img_s" in r and "mode" in r:
                 r["precision"], r["model"] = _precision(r), _model(r)
@@ -83,7 +87,7 @@ def load(results: Path) -> list[Device]:
         if dev.gpu:
             dev.label = f"{dev.gpu} (GPU)"
         dev.label = dev.label or folder.name
-        if dev.points or dev.runs or dev.ratios:
+        if dev.points or dev.runs or dev.ratios or dev.formats:
             devices.append(dev)
     return devices
 
@@ -505,6 +509,9 @@ def _method(devices: list[Device]) -> list[str]:
         "| engine vs plain loop, dali-cpu vs ImageFolder + PIL, on a data set | "
         "`python benchmarks/compare.py --data data/fashion-mnist` | `results/<device>/compare_*.json` |",
         "| serving | `python benchmarks/serve_compare.py` | `results/<device>/serve_compare.json` |",
+        "| every export format of a trained checkpoint, speed and top-1 | `bash benchmarks/formats_fashion_mnist.sh`, "
+        "or `convnets benchmark --mode formats --checkpoint C --data DIR --json FILE` "
+        "| `results/<device>/formats_<arch>.json` |",
         "| training runs (accuracy, wall time, RSS per epoch; time to accuracy with a target) | the recipe's "
         "launcher with the profile named in the file's `command`, then `python benchmarks/record_run.py` "
         "| `results/<device>/train_*.json` |",
@@ -531,7 +538,8 @@ def build(results: Path, out: Path) -> Path:
     accuracy = _accuracy([r for d in devices for r in d.runs])
     lines = [HEADER, "## Devices", ""]
     lines += [f"- `results/{d.slug}/`: {d.label} ({len(d.points)} points, {len(d.ratios)} comparisons, "
-              f"{len(d.runs)} training runs)" for d in devices]  # fmt: skip
+              f"{len(d.runs)} training runs{f', {len(d.formats)} formats tables' if d.formats else ''})"
+              for d in devices]  # fmt: skip
     for dev in devices:
         if not dev.points:
             continue
@@ -555,6 +563,7 @@ def build(results: Path, out: Path) -> Path:
                   "Left: accuracy and training speed from the same training run. Right: MobileNet v1 over its width "
                   "multiplier and input resolution, the paper's ImageNet top-1 (Howard et al. 2017) against the "
                   "throughput we measured for the same configuration.", ""]  # fmt: skip
+    lines += formats_section(devices, plots, _save, _log_axes)
     lines += time_to_accuracy_table(devices)
     lines += ["## Side by side (ratios)", ""]
     for dev in devices:

@@ -70,6 +70,11 @@ def cmd_benchmark(args) -> int:
     from common.benchmark import run_benchmark
 
     cfg = _resolve(args, config.BenchmarkConfig)
+    if cfg.mode == "formats":
+        from common.formats import run_formats
+
+        run_formats(cfg)
+        return 0
     result = run_benchmark(cfg)
     if cfg.json is None:
         print(json.dumps(result, indent=2))

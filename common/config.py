@@ -233,9 +233,16 @@ class TrainConfig(TrackingConfig, AugmentConfig, DataConfig, ModelConfig, Precis
 
 @dataclass
 class BenchmarkConfig(DataConfig, ModelConfig, PrecisionConfig, DeviceConfig):
-    data: str | None = opt(None, "ImageFolder root (needed for --mode data; default for train/inference: synthetic)")
-    mode: str = opt("train", "what to time: training steps, inference, or the data loader alone",
-                    ("train", "inference", "data"))  # fmt: skip
+    data: str | None = opt(None, "ImageFolder root (needed for --mode data and formats; default for train/inference: "
+                           "synthetic)")  # fmt: skip
+    mode: str = opt("train", "what to time: training steps, inference, the data loader alone, or a trained "
+                    "checkpoint in every export format (speed and top-1)",
+                    ("train", "inference", "data", "formats"))  # fmt: skip
+    checkpoint: str | None = opt(None, "--mode formats: the training checkpoint to run in every format")
+    batch_sizes: str = opt("1,8,64", "--mode formats: batch sizes to time, comma-separated")
+    formats: str | None = opt(None, "--mode formats: only these formats, comma-separated (default: every one; "
+                              "`--formats list` names them)")  # fmt: skip
+    calibration_images: int = opt(512, "--mode formats: training images (DATA/train) the INT8 formats calibrate on")
     batch_size: int = opt(256, "images per step")
     iterations: int = opt(100, "timed iterations")
     warmup: int = opt(10, "untimed iterations first (compilation, cuDNN autotuning, loader start-up)")

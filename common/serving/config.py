@@ -10,6 +10,7 @@ from common.errors import UserError
 
 EXPORT_FORMATS = ("onnx", "torchscript", "exported-program", "tensorrt")
 RUNTIMES = ("torch", "onnxruntime")
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")  # ONNX Runtime's calibrators
 
 
 @dataclass
@@ -23,6 +24,18 @@ class ExportConfig:
     max_queue_delay_ms: float = opt(2.0, "Triton dynamic_batching queue delay")
     opset: int = opt(18, "ONNX opset")
     tolerance: float = opt(1e-3, "largest absolute difference of probabilities allowed between PyTorch and the export")
+    int8: bool = opt(False, "quantize to INT8 (onnx: ONNX Runtime static quantization; tensorrt: an INT8 engine), "
+                     "calibrated on --calibration-data and checked on --check-data")  # fmt: skip
+    calibration_data: str | None = opt(None, "--int8: ImageFolder root (its train/ is used) or split folder whose "
+                                       "images set the activation ranges", metavar="DIR")  # fmt: skip
+    calibration_images: int = opt(512, "--int8: calibration images, taken class by class in turn", metavar="N")
+    calibration_method: str = opt("minmax", "--int8 --format onnx: how ONNX Runtime turns the calibration "
+                                  "activations into ranges", CALIBRATION_METHODS)  # fmt: skip
+    check_data: str | None = opt(None, "--int8: labelled folder (its val/, or the folder itself) on which the INT8 "
+                                 "and FP32 models' top-1 are compared (default: --calibration-data's val/)",
+                                 metavar="DIR")  # fmt: skip
+    max_accuracy_drop: float = opt(1.0, "--int8: refuse the export when INT8 top-1 is more than this many points "
+                                   "below FP32's on --check-data", metavar="POINTS")  # fmt: skip
 
     def check(self) -> ExportConfig:
         if not self.checkpoint:
@@ -31,6 +44,19 @@ class ExportConfig:
             raise UserError("export needs --out DIR")
         if self.max_batch_size < 1:
             raise UserError(f"--max-batch-size must be at least 1, got {self.max_batch_size}")
+        if self.int8:
+            if self.format not in ("onnx", "tensorrt"):
+                raise UserError(f"--int8 takes --format onnx or tensorrt, not {self.format}")
+            if not self.calibration_data:
+                raise UserError("--int8 needs --calibration-data DIR (training images that set the INT8 ranges)")
+            if self.calibration_images < 1:
+                raise UserError(f"--calibration-images must be at least 1, got {self.calibration_images}")
+            if not self.max_accuracy_drop >= 0:
+                raise UserError(f"--max-accuracy-drop must not be negative, got {self.max_accuracy_drop}")
+        else:
+            given = [f"--{n.replace('_', '-')}" for n in ("calibration_data", "check_data") if getattr(self, n)]
+            if given:
+                raise UserError(f"{' and '.join(given)} given without --int8, the export they belong to")
         return self
 
 

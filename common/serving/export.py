@@ -20,6 +20,8 @@ from common.errors import UserError
 from common.evaluation import class_probabilities
 from common.serving.config import ExportConfig
 from common.serving.metadata import LABELS_FILE, METADATA_FILE, ModelMetadata
+from common.serving.quantize import int8_onnx_export, int8_tensorrt_export
+from common.serving.tensorrt import CALIBRATION_CACHE, TensorrtRunner, build_engine, tensorrt_missing
 
 log = logging.getLogger("convnets")
 
@@ -119,36 +121,45 @@ def _write_bytes(path: Path, data: bytes) -> None:
 
 
 def export_model(cfg: ExportConfig) -> Path:
-    """Write the export folder (and the Triton repository when asked); returns the model file."""
+    """Write the export folder (and the Triton repository when asked); returns the model file.
+
+    Every check (against PyTorch, and with ``--int8`` the top-1 against FP32) runs before anything is written:
+    a refused export leaves ``--out`` as it was."""
     cfg.check()
     if cfg.triton_repo and cfg.format not in TRITON_PLATFORMS:
         raise UserError(
             f"--triton-repo takes onnx, torchscript or tensorrt exports (Triton has no {cfg.format} backend)"
         )
     if cfg.format == "tensorrt":
-        missing = _tensorrt_missing()
+        missing = tensorrt_missing(cfg.int8)
         if missing:
-            raise UserError(f"TensorRT export needs {missing}")
+            raise UserError(f"TensorRT {'INT8 ' if cfg.int8 else ''}export needs {missing}")
     model, meta = load_checkpoint_model(cfg.checkpoint, torch.device("cpu"))
+    if cfg.int8 and meta.multilabel:
+        raise UserError("--int8 checks top-1 on single-label data; this checkpoint is multi-label")
     model = model.to(memory_format=torch.contiguous_format)
     if cfg.format == "torchscript":
         meta.input_name, meta.output_name = TORCHSCRIPT_NAMES
     meta = dataclasses.replace(meta, format=cfg.format, model_file=MODEL_FILES[cfg.format], channels_last=False)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     path = out / MODEL_FILES[cfg.format]
     x = _example(meta, 3)
+    beside: dict[str, bytes] = {}  # other files of the export folder (TensorRT's calibration cache)
 
     if cfg.format in ("onnx", "tensorrt"):
         data = onnx_bytes(model, meta, cfg.opset, cfg.max_batch_size)
         check_onnx(data, model, meta, cfg.tolerance)
-        if cfg.format == "onnx":
-            _write_bytes(path, data)
-        else:
-            engine = _tensorrt_engine(data, meta, cfg.max_batch_size)
+        if cfg.format == "onnx" and cfg.int8:
+            data, meta = int8_onnx_export(data, meta, cfg)
+        elif cfg.format == "tensorrt" and cfg.int8:
+            data, meta, beside[CALIBRATION_CACHE] = int8_tensorrt_export(data, meta, cfg)
+        elif cfg.format == "tensorrt":
+            data, _ = build_engine(data, meta, cfg.max_batch_size)
             # fp16 weights and activations: probabilities move by up to about 1e-3, so the bar is looser.
-            _check_tensorrt(engine, model, meta, max(cfg.tolerance, 1e-2))
-            _write_bytes(path, engine)
+            with torch.inference_mode():
+                _compare(TensorrtRunner(data, meta)(x.numpy()), model(x).numpy(), "TensorRT (fp16)",
+                         max(cfg.tolerance, 1e-2))  # fmt: skip
+            meta = dataclasses.replace(meta, precision="fp16")
     elif cfg.format == "torchscript":
         # TorchScript is deprecated in favour of torch.export, but it is what Triton's PyTorch backend loads.
         with warnings.catch_warnings():
@@ -157,7 +168,7 @@ def export_model(cfg: ExportConfig) -> Path:
             _compare(scripted(x).detach().numpy(), model(x).detach().numpy(), "TorchScript", cfg.tolerance)
             buffer = io.BytesIO()
             torch.jit.save(scripted, buffer, _extra_files={METADATA_FILE: meta.to_json()})
-        _write_bytes(path, buffer.getvalue())
+        data = buffer.getvalue()
     else:
         batch = torch.export.Dim("batch", min=1, max=max(2, cfg.max_batch_size))
         program = torch.export.export(model, (_example(meta),), dynamic_shapes=({0: batch},))
@@ -165,12 +176,17 @@ def export_model(cfg: ExportConfig) -> Path:
             _compare(program.module()(x).numpy(), model(x).numpy(), "torch.export program", cfg.tolerance)
         buffer = io.BytesIO()
         torch.export.save(program, buffer, extra_files={METADATA_FILE: meta.to_json()})
-        _write_bytes(path, buffer.getvalue())
+        data = buffer.getvalue()
 
+    out.mkdir(parents=True, exist_ok=True)
+    _write_bytes(path, data)
+    for name, content in beside.items():
+        _write_bytes(out / name, content)
     atomic_write_text(out / METADATA_FILE, meta.to_json())
     atomic_write_text(out / LABELS_FILE, "".join(f"{c}\n" for c in meta.classes))
-    log.info("wrote %s (%s, %d classes, input %s 3x%dx%d) with %s and %s", path, cfg.format, len(meta.classes),
-             meta.input_name, meta.image_size, meta.image_size, METADATA_FILE, LABELS_FILE)  # fmt: skip
+    log.info("wrote %s (%s %s, %d classes, input %s 3x%dx%d) with %s", path, cfg.format, meta.precision,
+             len(meta.classes), meta.input_name, meta.image_size, meta.image_size,
+             ", ".join([*beside, METADATA_FILE, LABELS_FILE]))  # fmt: skip
     if cfg.triton_repo:
         write_triton_repo(Path(cfg.triton_repo), cfg.model_name or meta.arch, path, meta, cfg)
     return path
@@ -226,65 +242,3 @@ def write_triton_repo(repo: Path, name: str, model_file: Path, meta: ModelMetada
     atomic_write_text(folder / METADATA_FILE, meta.to_json())
     log.info("wrote Triton model repository %s (model %s): tritonserver --model-repository %s", repo, name, repo)
     return folder
-
-
-def _tensorrt_missing() -> str | None:
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        return "the `tensorrt` Python package (pip install tensorrt), which is not installed"
-    if not torch.cuda.is_available():
-        return "a CUDA GPU, and none is visible"
-    return None
-
-
-def _tensorrt_engine(onnx_data: bytes, meta: ModelMetadata, max_batch_size: int) -> bytes:
-    """An fp16 engine with one optimisation profile over batch sizes 1 .. max_batch_size."""
-    import tensorrt as trt
-
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    # Explicit batch is the only mode from TensorRT 10 on; older versions need the flag.
-    flags = (
-        0 if int(trt.__version__.split(".")[0]) >= 10 else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
-    )
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse(onnx_data):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise UserError(f"TensorRT cannot parse the ONNX export: {errors}")
-    config = builder.create_builder_config()
-    if builder.platform_has_fast_fp16:
-        config.set_flag(trt.BuilderFlag.FP16)
-    else:
-        log.info("this GPU has no fast fp16: the TensorRT engine stays fp32")
-    s = meta.image_size
-    profile = builder.create_optimization_profile()
-    opt = max(1, max_batch_size // 2)
-    profile.set_shape(meta.input_name, (1, 3, s, s), (opt, 3, s, s), (max_batch_size, 3, s, s))
-    config.add_optimization_profile(profile)
-    engine = builder.build_serialized_network(network, config)
-    if engine is None:
-        raise UserError("TensorRT could not build an engine from the ONNX export (see its log above)")
-    return bytes(engine)
-
-
-def _check_tensorrt(engine_data: bytes, model: torch.nn.Module, meta: ModelMetadata, tolerance: float) -> float:
-    """The engine against PyTorch on a batch of 3, with torch's CUDA tensors as the engine's buffers."""
-    import tensorrt as trt
-
-    engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(engine_data)
-    context = engine.create_execution_context()
-    x = _example(meta, 3)
-    inputs = x.cuda().contiguous()
-    outputs = torch.empty(len(x), len(meta.classes), device="cuda", dtype=torch.float32)
-    context.set_input_shape(meta.input_name, tuple(inputs.shape))
-    context.set_tensor_address(meta.input_name, inputs.data_ptr())
-    context.set_tensor_address(meta.output_name, outputs.data_ptr())
-    stream = torch.cuda.current_stream()
-    if not context.execute_async_v3(stream.cuda_stream):
-        raise UserError("TensorRT could not run the engine it built")
-    stream.synchronize()
-    with torch.inference_mode():
-        want = model.cpu()(x).numpy()
-    return _compare(outputs.cpu().numpy(), want, "TensorRT (fp16)", tolerance)

@@ -33,6 +33,10 @@ class ModelMetadata:
     # (tuned on the validation set in training).
     multilabel: bool = False
     thresholds: list[float] | None = None
+    # "fp32", "fp16" (TensorRT) or "int8"; an INT8 model's inputs and outputs stay float32 (servers feed it as they
+    # feed the FP32 one), and ``quantization`` says how it was calibrated and the top-1 it was checked at.
+    precision: str = "fp32"
+    quantization: dict | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
