@@ -179,7 +179,28 @@ class TrackingConfig:
 
 
 @dataclass
-class TrainConfig(TrackingConfig, AugmentConfig, DataConfig, ModelConfig, PrecisionConfig, DeviceConfig):
+class DistillConfig:
+    """Knowledge distillation (Hinton et al. 2015, common/distill.py): the student also learns the softened outputs
+    of a teacher, one of this repository's checkpoints. T = 4 is the temperature of RepDistiller's KD baseline
+    (Tian et al. 2020, ``--kd_T 4``), a common baseline of later distillation papers; alpha 0.5 weighs the labels
+    and the teacher equally."""
+
+    teacher: str | None = opt(
+        None,
+        "distil from this checkpoint of ours (any --arch, the same classes): it runs in eval mode, without "
+        "gradients, on the student's batches",
+        metavar="CHECKPOINT",
+    )
+    distill_alpha: float = opt(
+        0.5, "with --teacher: loss = (1 - A) x the usual loss + A x T^2 x KL(teacher || student), both at T",
+        metavar="A",
+    )  # fmt: skip
+    distill_temperature: float = opt(4.0, "with --teacher: the softmax temperature of both outputs", metavar="T")
+
+
+@dataclass
+class TrainConfig(DistillConfig, TrackingConfig, AugmentConfig, DataConfig, ModelConfig, PrecisionConfig,
+                  DeviceConfig):  # fmt: skip
     freeze_backbone_epochs: int = opt(
         0,
         "two-stage fine-tuning: train only the head for N epochs (backbone BatchNorm frozen), then everything",
@@ -521,6 +542,10 @@ def validate(cfg) -> None:
     for name in ("target_top1", "target_map"):
         if getattr(cfg, name, None) is not None and not 0 < getattr(cfg, name) <= 100:
             raise UserError(f"--{name.replace('_', '-')} is a percentage in (0, 100], got {getattr(cfg, name)}")
+    if not 0 <= getattr(cfg, "distill_alpha", 0.5) <= 1:
+        raise UserError(f"--distill-alpha is the teacher's share of the loss, in [0, 1], got {cfg.distill_alpha}")
+    if getattr(cfg, "distill_temperature", 1.0) <= 0:
+        raise UserError(f"--distill-temperature must be positive, got {cfg.distill_temperature}")
     if getattr(cfg, "target_top1", None) is not None and getattr(cfg, "target_map", None) is not None:
         raise UserError("--target-top1 is for single-label data, --target-map for multi-label data: pass one")
     if not DEVICE_PATTERN.match(getattr(cfg, "device", "auto")):

@@ -30,6 +30,7 @@ from common.checkpoint import CheckpointManager, atomic_write_text, load_checkpo
 from common.config import TrainConfig
 from common.data import DataBundle, PipelineSpec, build_data, default_backend
 from common.data.spec import Augmentation
+from common.distill import build_distiller, check_resume
 from common.errors import UserError
 from common.evaluation import evaluate, evaluate_multilabel
 from common.logger import ProgressBar, RunLogger
@@ -81,6 +82,9 @@ def train_one_epoch(step: StepRunner, loader, epoch: int, logger: RunLogger, pri
     if stages is not None:
         stages.apply(epoch)  # after train(): a frozen backbone's BatchNorm goes back to eval mode
     loader.set_epoch(epoch)
+    teacher_timer = step.distiller.timer if step.distiller is not None else None  # --teacher: its forward time
+    if teacher_timer is not None:
+        teacher_timer.reset()
     total = min(len(loader), max_steps or len(loader))
     bar = ProgressBar(total, f"epoch {epoch}", logger.enabled)
     # The loss is summed on the device and read back only when a line is logged: a .item() every step
@@ -114,6 +118,7 @@ def train_one_epoch(step: StepRunner, loader, epoch: int, logger: RunLogger, pri
                     "train.lr": step.optimizer.param_groups[0]["lr"],
                     "train.total_ips": window_images * world / (now - window_start),
                     "train.data_time": data_time / i,
+                    **({"train.teacher_time": teacher_timer.seconds() / i} if teacher_timer is not None else {}),
                 },
                 echo=not bar.enabled,
             )
@@ -133,6 +138,7 @@ def train_one_epoch(step: StepRunner, loader, epoch: int, logger: RunLogger, pri
         "train.loss": loss_mean.item(),
         "train.total_ips": seen * world / elapsed,
         "train.data_time": data_time / i,
+        **({"train.teacher_time": teacher_timer.seconds() / i} if teacher_timer is not None else {}),
         "train.epoch_time": elapsed,
     }
 
@@ -328,6 +334,7 @@ def train(cfg: TrainConfig) -> dict:
                       rt.world_size)  # fmt: skip
     num_classes = count_classes(cfg, data)
     positive = positive_index(cfg.positive_class, data.classes)
+    distiller = build_distiller(cfg, data.classes, num_classes, data.multilabel, plan.image_size, rt.device)
     model = build_train_model(cfg, spec, num_classes, rt)
     precision = Precision(cfg.amp, cfg.amp_dtype)
     opt = build_optimization(model, cfg, plan.lr, steps_per_epoch(cfg, data, plan.accumulation), precision,
@@ -345,7 +352,8 @@ def train(cfg: TrainConfig) -> dict:
     train_model, eval_model = wrap(model, cfg, rt)
     criterion = build_criterion(data.multilabel, data.class_counts, data.train_images, num_classes,
                                 cfg.label_smoothing, cfg.balance, rt.device)  # fmt: skip
-    step = StepRunner(train_model, criterion, opt, precision, cfg.mixup, cuda_graphs=cfg.compile == "reduce-overhead")
+    step = StepRunner(train_model, criterion, opt, precision, cfg.mixup, cuda_graphs=cfg.compile == "reduce-overhead",
+                      distiller=distiller)  # fmt: skip
 
     batches = min(len(data.train), cfg.max_steps_per_epoch or len(data.train))  # the tracking sinks' step unit
     tracker = None  # only rank 0 writes, on one node or many
@@ -489,6 +497,7 @@ def _load_resume(cfg: TrainConfig, ckpts: CheckpointManager, classes: list[str])
         raise UserError(f"checkpoint {path} is a {state.get('arch')}, not --arch {cfg.arch}")
     if state.get("class_names") != list(classes):
         raise UserError(f"checkpoint {path} was trained on other classes than {cfg.data}/train")
+    check_resume(state.get("config", {}), cfg, path)
     changed = {k: (state["config"].get(k), v) for k, v in dataclasses.asdict(cfg).items()
                if k in RESUME_KEEPS and k in state.get("config", {}) and state["config"][k] != v}  # fmt: skip
     if changed:

@@ -1,5 +1,6 @@
 """The training loss: cross-entropy over classes, or binary cross-entropy per class for multi-label data, with
-label smoothing and ``--balance`` meaning the same thing for both."""
+label smoothing and ``--balance`` meaning the same thing for both; and the knowledge-distillation loss that mixes a
+teacher's softened outputs into either."""
 
 from __future__ import annotations
 
@@ -60,3 +61,38 @@ def build_criterion(multilabel: bool, counts: list[int], images: int, num_classe
         return MultiLabelLoss(smoothing, positive_weights(counts, images, device) if balance else None)
     weights = class_weights(counts, num_classes, device) if balance else None
     return nn.CrossEntropyLoss(weight=weights, label_smoothing=smoothing)
+
+
+def distillation_term(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
+                      multilabel: bool = False) -> torch.Tensor:  # fmt: skip
+    """``T^2 x KL(teacher || student)`` of the logits softened by ``T`` (Hinton et al. 2015, "Distilling the
+    knowledge in a neural network"), in float32 whatever the autocast dtype.
+
+    Single-label: the KL divergence of the softmax over classes, summed over classes and averaged over images, as
+    cross-entropy is. Multi-label: each label's sigmoid is a two-class softmax, so the term is the KL divergence of
+    the two Bernoulli distributions, averaged over labels and images, as the binary cross-entropy is. The factor
+    T^2 keeps the term's gradients at the scale of the usual loss's: softening by T shrinks them by 1/T^2.
+    """
+    s, t = student.float() / temperature, teacher.float() / temperature
+    if multilabel:
+        p = torch.sigmoid(t)
+        kl = p * (F.logsigmoid(t) - F.logsigmoid(s)) + (1 - p) * (F.logsigmoid(-t) - F.logsigmoid(-s))
+        return kl.mean() * temperature**2
+    kl = F.kl_div(F.log_softmax(s, dim=1), F.log_softmax(t, dim=1), reduction="batchmean", log_target=True)
+    return kl * temperature**2
+
+
+class DistillationLoss(nn.Module):
+    """``(1 - alpha) x usual + alpha x distillation_term(student, teacher)``.
+
+    It takes the usual loss already computed rather than the labels: under mixup the usual loss is the mix of two
+    label sets' losses, while the teacher, given the same mixed images, already gives the mixed image's targets.
+    """
+
+    def __init__(self, alpha: float, temperature: float, multilabel: bool = False):
+        super().__init__()
+        self.alpha, self.temperature, self.multilabel = alpha, temperature, multilabel
+
+    def forward(self, usual: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        distilled = distillation_term(student, teacher, self.temperature, self.multilabel)
+        return (1 - self.alpha) * usual + self.alpha * distilled

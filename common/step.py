@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -15,6 +16,9 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from common.builders import build_optimizer, build_scheduler, load_optimizer_state
 from common.registry import ModelSpec
+
+if TYPE_CHECKING:
+    from common.distill import Distiller
 
 
 def resolve_amp(amp: bool | None, device: torch.device) -> bool:
@@ -147,10 +151,11 @@ class StepRunner:
     """
 
     def __init__(self, model: nn.Module, criterion: nn.Module, optimization: Optimization, precision: Precision,
-                 mixup: float = 0.0, cuda_graphs: bool = False):  # fmt: skip
+                 mixup: float = 0.0, cuda_graphs: bool = False, distiller: Distiller | None = None):  # fmt: skip
         self.model, self.criterion, self.opt, self.precision = model, criterion, optimization, precision
         self.mixup = mixup
         self.cuda_graphs = cuda_graphs  # the model is compiled with mode="reduce-overhead"
+        self.distiller = distiller  # --teacher: its outputs join the loss (common/distill.py)
         self.micro_step = 0
 
     @property
@@ -164,8 +169,14 @@ class StepRunner:
                 lam = float(np.random.beta(self.mixup, self.mixup))
                 images = images.mul(lam).add_(images.roll(1, 0), alpha=1 - lam)
                 out = self.model(images)
-                return lam * self.criterion(out, labels) + (1 - lam) * self.criterion(out, labels.roll(1, 0))
-            return self.criterion(self.model(images), labels)
+                loss = lam * self.criterion(out, labels) + (1 - lam) * self.criterion(out, labels.roll(1, 0))
+            else:
+                out = self.model(images)
+                loss = self.criterion(out, labels)
+            if self.distiller is not None:
+                # The teacher sees the very batch the student saw, mixed images included, under the same autocast.
+                loss = self.distiller(loss, out, images)
+            return loss
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """Run one micro-batch; returns (loss, whether an optimizer step was taken)."""
