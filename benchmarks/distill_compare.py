@@ -8,7 +8,7 @@ each.
 1. ``--train-images`` images of the training set, the same share of each class (``learning-curve``'s subsets:
    symbolic links, the image checks' verdicts shared), and the whole validation split (Fashion-MNIST's 10,000
    test images) to evaluate on;
-2. the teacher: ResNet-18 with the quickstart profile (``resnet50/preset.toml``), on the whole training set
+2. the teacher: ResNet-18 with its Fashion-MNIST profile (``resnet50/preset.toml``), on the whole training set
    (``--teacher-data full``: the case distillation is for, a large model trained on all the data handing what it
    learned to a small one trained on less) or on the students' subset (``subset``; trained there for 15 epochs,
    it ended at 82.24%, below the student alone, and is no teacher);
@@ -115,7 +115,7 @@ def main() -> None:
 
     teacher_name = f"teacher_{args.teacher_data}"
     teacher_data = ["--data", str(args.data)] if args.teacher_data == "full" else data
-    teacher = run(teacher_name, ["--preset", "resnet50/preset.toml", "--profile", "quickstart", *teacher_data,
+    teacher = run(teacher_name, ["--preset", "resnet50/preset.toml", "--profile", "fashion-mnist", *teacher_data,
                                  *once(args.teacher_epochs)], args.out, args.threads)  # fmt: skip
     teacher["train_images"] = len(scan_split(args.data / "train")) if args.teacher_data == "full" else linked
     student = ["--preset", "mobilenet/preset.toml", "--profile", "fashion-mnist", *data, "--arch", args.arch,
@@ -143,7 +143,7 @@ def main() -> None:
         "distill_temperature": config["distill_temperature"],
         "teacher": teacher,
         "notes": (
-            "A first teacher, resnet18 with the quickstart profile trained on the students' 6,000-image subset for "
+            "A first teacher, resnet18 with its fashion-mnist profile trained on the students' 6,000-image subset for "
             "15 epochs (--teacher-data subset --teacher-epochs 15), ended at 82.24% top-1, below the student alone "
             "(82.89%, seed 0): no stronger teacher, so that run was stopped and the teacher trained on the whole "
             "training set instead."

@@ -26,7 +26,7 @@ fi
 # arch, the recipe launcher and profile it trains with (the recipes' own Fashion-MNIST settings at 32 px), steps,
 # then options of its own. MobileNet v2 borrows v1's profile at a fifth of its lr: at v1's 0.5 per 256 its training
 # loss was above chance after 100 steps (2.69, 50.8% top-1 after 200); at 0.1, 1.05.
-RECIPES="resnet18 resnet50/train_1gpu.sh quickstart 200
+RECIPES="resnet18 resnet50/train_1gpu.sh fashion-mnist 200
 mobilenet_v2 mobilenet/train_1gpu.sh fashion-mnist 200 --lr 0.1
 vgg11_bn vgg/train_1gpu.sh fashion-mnist 100"
 

@@ -29,8 +29,8 @@ log = logging.getLogger("convnets")
 BACKENDS = ("dali-gpu", "dali-cpu", "pytorch", "synthetic")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 # A run shorter than its recipe gets the recipe's warmup scaled to it, and never more than this share of it.
-# The published recipes stay below: NVIDIA's ResNet-50 warms up 8 of 90 epochs (8.9%), the quickstart 0.5 of 4
-# (12.5%), so they run exactly as written; what is left (at least 4/5 of a run) anneals.
+# The published recipes stay below: NVIDIA's ResNet-50 warms up 8 of 90 epochs (8.9%), ResNet-18's Fashion-MNIST
+# profile 0.5 of 4 (12.5%), so they run exactly as written; what is left (at least 4/5 of a run) anneals.
 MAX_WARMUP_SHARE = 0.2
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile's modes
 

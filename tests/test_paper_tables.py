@@ -163,3 +163,10 @@ def test_vgg_batch_norm_variants_keep_table2_counts(arch):
     with_bn = counts(arch, 224, None)
     assert round(with_bn.params / 1e6) == round(plain.params / 1e6)
     assert with_bn.macs == plain.macs
+
+
+def test_resnet20_has_table6s_parameters():
+    """He et al. 2016, Table 6: ResNet-20 for CIFAR-10 (10 classes) has 0.27M parameters. The projection shortcuts
+    registered here (option B) add 2.7k to option A's parameter-free ones: below the printed precision."""
+    c = count_model("resnet20", image_size=32, num_classes=10)
+    assert round(c.params / 1e6, 2) == 0.27, f"ResNet-20: {c.params / 1e6:.4f}M parameters counted, paper 0.27M"

@@ -73,7 +73,8 @@ def test_full_length_and_typed_schedules_are_kept_as_written():
     preset = str(ROOT / "resnet50" / "preset.toml")
     assert resolve(TrainConfig, {}, preset).warmup_epochs == 8
     assert resolve(TrainConfig, {"epochs": 120}, preset).warmup_epochs == 8
-    assert resolve(TrainConfig, {}, preset, "quickstart").warmup_epochs == 0.5
+    assert resolve(TrainConfig, {}, preset, "fashion-mnist").warmup_epochs == 0.5
+    assert resolve(TrainConfig, {}, preset, "quickstart").warmup_epochs == 0.2
     assert resolve(TrainConfig, {"epochs": 6, "warmup_epochs": 2.0}, preset).warmup_epochs == 2.0
     typed = resolve(TrainConfig, {"epochs": 9, "lr_steps": [5.0]}, str(ROOT / "vgg" / "preset.toml"))
     assert typed.lr_steps == [5.0]

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's own-data walk on real images: a raw folder of Fashion-MNIST PNGs (300 per class, one sub-folder
-# per class, nobody prepared it), `convnets prepare folder`, then `convnets learning-curve` with the quickstart
-# settings (ResNet-18 at 32 px) at batch 32, 5 epochs per point. CPU-only; the figures it writes are this folder's files.
+# per class, nobody prepared it), `convnets prepare folder`, then `convnets learning-curve` with ResNet-18's
+# Fashion-MNIST profile (32 px) at batch 32, 5 epochs per point. CPU-only; the figures it writes are this folder's files.
 # Usage: bash docs/examples/learning-curve/make.sh [WORK_DIR]   (about 5 minutes on 2 quiet cores)
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
@@ -28,6 +28,6 @@ for c, name in enumerate(names):
         Image.fromarray(images[i]).save(folder / f"{i:05d}.png")
 PY
 "$PY" -m common prepare folder --src "$WORK/raw" --out "$WORK/data" --val-fraction 0.2 --seed 0
-"$PY" -m common learning-curve --preset resnet50/preset.toml --profile quickstart --data "$WORK/data" \
+"$PY" -m common learning-curve --preset resnet50/preset.toml --profile fashion-mnist --data "$WORK/data" \
     --output "$WORK/curve" --epochs 5 --batch-size 32 --fractions 0.1,0.25,0.5,1.0
 cp "$WORK/curve/learning_curve.md" "$WORK/curve/learning_curve.png" "$WORK/curve/learning_curve.json" "$HERE/"
