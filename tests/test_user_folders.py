@@ -11,10 +11,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
-from common.data import ImageList, PipelineSpec, build_loader, check_image, find_bad_images, scan_split
+from common.data import ImageList, PipelineSpec, build_loader, check_image, dali_decode, find_bad_images, scan_split
+from common.errors import UserError
 from tests.conftest import FAST_TRAIN, ROOT, make_tree, run_cli
 
 CPU = torch.device("cpu")
@@ -75,6 +77,42 @@ def test_a_file_only_pil_reads_is_caught_for_the_dali_backends(fresh_tree, tmp_p
     run_cli(*args[:4], "pytorch", *args[5:], "--max-steps-per-epoch", "1", "--output", str(tmp_path / "d"))
     check = cli("prepare", "--check", str(fresh_tree), check=False)
     assert check.returncode == 1 and str(bad) in check.stdout
+
+
+def crashing_probe(tmp_path: Path, crashes: int) -> Path:
+    """A stand-in for DALI's probe script that dies of SIGSEGV ``crashes`` times after one batch's answer (as DALI
+    did now and then, tearing down a failed pipeline), then runs the real probe."""
+    tmp_path.mkdir()
+    count = tmp_path / "crashes"
+    script = tmp_path / "probe.py"
+    script.write_text(f"""import json, os, runpy, signal, sys
+count = {str(count)!r}
+n = int(open(count).read()) if os.path.exists(count) else 0
+if n < {crashes}:
+    open(count, "w").write(str(n + 1))
+    job = json.load(sys.stdin)
+    if n == 0:  # the first child gets through one batch before it dies; the next ones die at once
+        print(json.dumps({{"done": job["batch_size"], "bad": {{}}}}), flush=True)
+    os.kill(os.getpid(), signal.SIGSEGV)
+runpy.run_path({str(dali_decode.PROBE_SCRIPT)!r}, run_name="__main__")
+""")
+    return script
+
+
+def test_a_crash_of_dalis_decoder_costs_a_child_process_not_the_check(fresh_tree, tmp_path, monkeypatch):
+    bad = int32_tiff(fresh_tree / "train" / "red" / "scan.tif")
+    files = sorted(str(f) for f in fresh_tree.rglob("*.*"))
+    assert len(files) > 8
+    progress = []
+    monkeypatch.setattr(dali_decode, "PROBE_SCRIPT", crashing_probe(tmp_path / "twice", 2))
+    found = dali_decode.dali_undecodable(files, batch_size=8, progress=progress.append)
+    assert found.keys() == {str(bad)}
+    assert progress[0] == 8 and progress[-1] == len(files)  # the restarted child went on from the second batch
+    assert (tmp_path / "twice" / "crashes").read_text() == "2"
+
+    monkeypatch.setattr(dali_decode, "PROBE_SCRIPT", crashing_probe(tmp_path / "always", 100))
+    with pytest.raises(UserError, match=f"crashed {dali_decode.CRASH_TRIES} times .* on the 8 files from "):
+        dali_decode.dali_undecodable(files, batch_size=8)
 
 
 def test_the_pytorch_backend_names_a_file_it_cannot_decode(fresh_tree, tmp_path):

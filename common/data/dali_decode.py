@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
-import gc
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
-import numpy as np
-
+from common.data.dali_probe import dali_reason
 from common.errors import UserError
+
+__all__ = ["dali_reason", "dali_undecodable", "require_dali"]
+
+# A batch whose decode crashes the child this many times in a row stops the check with its files named.
+CRASH_TRIES = 3
+PROBE_SCRIPT = Path(__file__).with_name("dali_probe.py")
 
 
 def require_dali():
@@ -20,65 +29,55 @@ def require_dali():
     return dali
 
 
-def dali_reason(error: Exception) -> str:
-    """The line of a DALI pipeline error that says what went wrong (the rest is DALI's own traceback)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    if "encountered:" in lines:
-        after = lines[lines.index("encountered:") + 1 :]
-        lines = [line for line in after if "no longer valid" not in line] or lines
-    return lines[0][:300] if lines else type(error).__name__
-
-
-class _DecodeProbe:
-    """Decodes batches of files with DALI's CPU decoder and says whether it failed; a DALI pipeline is dead
-    after an error, so a new one is built after each failure."""
-
-    def __init__(self, batch_size: int, workers: int):
-        self.batch_size, self.workers, self.pipe = batch_size, max(1, workers), None
-
-    def _build(self):
-        dali = require_dali()
-
-        @dali.pipeline_def(batch_size=self.batch_size, num_threads=self.workers, device_id=None,
-                           prefetch_queue_depth=1, exec_async=False, exec_pipelined=False)  # fmt: skip
-        def probe():
-            encoded = dali.fn.external_source(name="encoded")
-            return dali.fn.decoders.image(encoded, device="cpu", output_type=dali.types.RGB)
-
-        self.pipe = probe()
-        self.pipe.build()
-
-    def error(self, files: list[str]) -> str | None:
+def _probe(files: list[str], workers: int, batch_size: int, on_batch) -> tuple[int, str]:
+    """Run :mod:`common.data.dali_probe` on ``files``; ``on_batch(done, bad)`` per batch it finished.
+    Returns the child's exit status and the end of what it wrote on stderr."""
+    with tempfile.TemporaryFile("w+") as err:  # a file, not a pipe: a chatty child cannot block on it
+        proc = subprocess.Popen(
+            [sys.executable, str(PROBE_SCRIPT)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
+        )  # fmt: skip
         try:
-            data = [np.fromfile(f, dtype=np.uint8) for f in files]
-        except OSError as e:
-            return f"cannot read ({e})"
-        if self.pipe is None:
-            # The pipeline that failed is held by reference cycles through its exception's traceback: collect it
-            # now, in this thread, rather than let the garbage collector tear it down later in the middle of
-            # another pipeline's run (a rare segfault in CI was seen after a failed decode).
-            gc.collect()
-            self._build()
-        try:
-            self.pipe.feed_input("encoded", data)
-            self.pipe.run()
-            return None
-        except RuntimeError as e:
-            self.pipe = None
-            return dali_reason(e)
+            proc.stdin.write(json.dumps({"files": files, "workers": workers, "batch_size": batch_size}))
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass  # it died before reading: its status and stderr say why
+        for line in proc.stdout:
+            answer = json.loads(line)
+            on_batch(answer["done"], answer["bad"])
+        status = proc.wait()
+        err.seek(0)
+        return status, err.read()[-2000:]
 
 
 def dali_undecodable(files: list[str], workers: int = 1, batch_size: int = 64, progress=None) -> dict[str, str]:
     """``{path: reason}`` for the files DALI's CPU decoder rejects: batches first, then file by file in a
-    batch that failed, so a clean set costs one decode of each file. ``progress(done)`` is called per batch."""
-    probe, bad = _DecodeProbe(batch_size, workers), {}
-    for start in range(0, len(files), batch_size):
-        chunk = files[start : start + batch_size]
-        if probe.error(chunk) is not None:
-            for f in chunk:
-                why = probe.error([f])
-                if why is not None:
-                    bad[f] = f"DALI cannot decode it: {why}"
-        if progress is not None:
-            progress(start + len(chunk))
+    batch that failed, so a clean set costs one decode of each file. ``progress(done)`` is called per batch.
+
+    The decoding runs in a child process. After a failed decode DALI tears its pipeline down, and now and then
+    that crashed the process (a segfault in about 1 of 30 training start-ups on a folder with one such file):
+    a crash costs the child, which is started again from the batch it was on, never the caller."""
+    require_dali()
+    bad: dict[str, str] = {}
+    done, crashes = 0, 0
+    while done < len(files):
+        start = done
+
+        def on_batch(n: int, found: dict[str, str], start: int = start) -> None:
+            nonlocal done
+            done = start + n
+            bad.update(found)
+            if progress is not None:
+                progress(done)
+
+        status, err = _probe(files[start:], workers, batch_size, on_batch)
+        if done >= len(files):
+            break
+        crashes = crashes + 1 if done == start else 1
+        if crashes >= CRASH_TRIES:
+            raise UserError(
+                f"DALI's decoder crashed {crashes} times (exit status {status}) on the {batch_size} files from "
+                f"{files[done]} on; its last words:\n{err.strip() or '(none)'}\n"
+                "Use --data-backend pytorch, or leave those files out."
+            )
     return bad
