@@ -9,12 +9,15 @@ a 48x48 PNG file as a BYTES element, which each server decodes and preprocesses 
 preprocessed FP32 [1,3,S,S] tensor; the answer is its probabilities. Our server gets what tritonclient sends by
 default: both kinds in Triton's binary extension (the PNG file's own bytes, the tensor's raw floats); LitServe reads
 only JSON bodies, so it gets both as JSON (the PNG base64-encoded). Each server runs in its own process, one after
-another; the clients are threads of this process, each with its own tritonclient connection.
+another; the clients are threads of this process, each with its own tritonclient connection. LitServe runs as many
+worker processes as our server has model instances (--instances, default 2), each on as many torch threads as one
+of our instances: the same parallelism on both sides.
 
 Beside requests per second, p50/p99 latency and mean batch sizes, each run records the CPU seconds per request of
 the server (its process group) and of the clients (this process), since both share the machine's cores, and for
-our server its efficiency: served requests/s over the model's own images/s (a plain forward pass timed in this
-process, with the server stopped) at the mean batch size it served. Writes everything, with the ratios, the load
+our server its efficiency: served requests/s over what its instances could compute, the model's own images/s (a
+plain forward pass on the server's threads, timed in this process with the server stopped) at the mean batch size
+it served, times the instances. Writes everything, with the ratios, the load
 average and the versions, to benchmarks/results/<device>/serve_compare.json.
 """
 
@@ -56,6 +59,7 @@ from common.serving.model import ImageDecoder
 
 class Classifier(ls.LitAPI):
     def setup(self, device):
+        torch.set_num_threads(int(sys.argv[6]))
         self.model, self.meta = load_checkpoint_model(sys.argv[1], torch.device("cpu"))
         self.decode = ImageDecoder(self.meta, 40_000_000)
 
@@ -86,8 +90,8 @@ class Classifier(ls.LitAPI):
 if __name__ == "__main__":
     api = Classifier(max_batch_size=int(sys.argv[2]), batch_timeout=float(sys.argv[3]) / 1000,
                      api_path="/v2/models/m/infer")
-    ls.LitServer(api, accelerator="cpu", workers_per_device=1, timeout=60).run(port=int(sys.argv[5]),
-                                                                              generate_client_file=False)
+    ls.LitServer(api, accelerator="cpu", workers_per_device=int(sys.argv[5]), timeout=60).run(
+        port=int(sys.argv[7]), generate_client_file=False)
 """
 
 
@@ -213,12 +217,15 @@ def model_images_per_s(checkpoint: str, batch: int, threads: int, seconds: float
     return batch * runs / (time.perf_counter() - start)
 
 
-def served_threads(serve_args: list[str]) -> int:
-    """The model threads our server runs with: ``--threads N`` where given, else its default."""
+def served_config(serve_args: list[str]):
+    """Our server's configuration with ``serve_args`` (its model threads and instances, defaults included)."""
     from common.serving.config import ServeConfig
 
-    given = serve_args[serve_args.index("--threads") + 1] if "--threads" in serve_args else None
-    return ServeConfig(checkpoint="-", threads=int(given) if given else None).model_threads
+    def given(flag: str) -> int | None:
+        return int(serve_args[serve_args.index(flag) + 1]) if flag in serve_args else None
+
+    instances = given("--instances")
+    return ServeConfig(checkpoint="-", threads=given("--threads"), **({"instances": instances} if instances else {}))
 
 
 def mean_batch(url: str) -> float | None:
@@ -301,9 +308,14 @@ def main() -> None:
     ours = [sys.executable, "-m", "common", "serve", "--checkpoint", checkpoint, "--model-name", "m",
             "--max-queue-delay-ms", str(args.max_queue_delay_ms), *args.serve_args.split()]  # fmt: skip
     (workdir / "litserve_app.py").write_text(LITSERVE_APP)
-    # argv: checkpoint, max batch size, batch timeout (ms), repository root; run_one appends the port.
+    served = served_config(args.serve_args.split())
+    threads, instances = served.model_threads, served.instances
+    # argv: checkpoint, max batch size, batch timeout (ms), repository root, worker processes and each one's torch
+    # threads (as many as our server's model instances and threads: the same parallelism on both sides; LitServe's
+    # workers left at torch's default of all cores each ran 47 image requests/s here, 5x fewer than ours, from
+    # oversubscribed cores); run_one appends the port.
     lit = [sys.executable, str(workdir / "litserve_app.py"), checkpoint, str(args.max_batch_size),
-           str(args.max_queue_delay_ms), str(ROOT)]  # fmt: skip
+           str(args.max_queue_delay_ms), str(ROOT), str(instances), str(threads)]  # fmt: skip
     load_before = os.getloadavg()
     servers = {
         "ours_dynamic_batching": ours + ["--max-batch-size", str(args.max_batch_size)],
@@ -311,7 +323,6 @@ def main() -> None:
         "litserve": lit,
     }
     payloads = ("image", "tensor") if args.payload == "both" else (args.payload,)
-    threads = served_threads(args.serve_args.split())
     results, ratios = {}, {}
     for payload in payloads:
         results[payload] = {
@@ -321,7 +332,8 @@ def main() -> None:
             r = results[payload][name]
             batch = max(1, round(r["mean_batch_size"] or 1))
             r["model_images_per_s_at_mean_batch"] = model_images_per_s(checkpoint, batch, threads)
-            r["efficiency"] = r["requests_per_s"] / r["model_images_per_s_at_mean_batch"]
+            # What the instances could serve if each had its threads to itself (on 2 cores they do not).
+            r["efficiency"] = r["requests_per_s"] / (instances * r["model_images_per_s_at_mean_batch"])
         rps = {k: v["requests_per_s"] for k, v in results[payload].items()}
         ratios[payload] = {
             "dynamic_batching_over_batch_size_1": rps["ours_dynamic_batching"] / rps["ours_batch_size_1"],
@@ -354,6 +366,7 @@ def main() -> None:
             "max_queue_delay_ms": args.max_queue_delay_ms,
             "serve_args": args.serve_args,
             "model_threads": threads,
+            "model_instances": instances,
         },  # fmt: skip
         "results": results,
         "ratios": ratios,

@@ -4,6 +4,7 @@ and a SIGTERM that answers the requests in flight. One server per module (a tiny
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -212,6 +213,37 @@ def test_concurrent_requests_each_get_their_own_answer(server, reference):
     np.testing.assert_allclose(np.stack(results), want, atol=1e-5)
     batches = _metric(server, "convnets_batch_size_count") - before
     assert batches < n, "the dynamic batcher ran every request alone"
+
+
+@pytest.mark.parametrize("instances", [1, 2])
+def test_model_instances_compute_their_batches_at_the_same_time(instances):
+    """With ``--instances N`` N batches are inside the model at once (each request still gets its own answer);
+    with one, never two. A batch waits in the model until ``instances`` are inside (at most 10 s)."""
+    from common.serving.batcher import DynamicBatcher
+
+    inside, most, cond = 0, 0, threading.Condition()
+
+    def run(x: np.ndarray) -> np.ndarray:
+        nonlocal inside, most
+        with cond:
+            inside += 1
+            most = max(most, inside)
+            cond.notify_all()
+            cond.wait_for(lambda: most >= instances, timeout=10)
+            inside -= 1
+        return x * 2
+
+    async def serve() -> list[np.ndarray]:
+        batcher = DynamicBatcher(run, max_batch_size=1, max_delay_s=0.001, instances=instances)
+        batcher.start()
+        try:
+            return await asyncio.gather(*(batcher.submit(np.full((1, 3), i, np.float32)) for i in range(6)))
+        finally:
+            await batcher.stop()
+
+    answers = asyncio.run(serve())
+    assert [a.tolist() for a in answers] == [[[2.0 * i] * 3] for i in range(6)]
+    assert most == instances
 
 
 def _metric(url: str, name: str, labels: str = f'model="{MODEL}"') -> float:

@@ -70,7 +70,7 @@ def create_app(cfg: ServeConfig, runtime=None) -> FastAPI:
         for t in queue_times:
             metrics.queue_time.labels(name).observe(t)
 
-    batcher = DynamicBatcher(runtime, cfg.max_batch_size, cfg.max_queue_delay_ms / 1000, on_batch)
+    batcher = DynamicBatcher(runtime, cfg.max_batch_size, cfg.max_queue_delay_ms / 1000, on_batch, cfg.instances)
 
     # Loaded here, not in the lifespan: an index built by another network stops the start with its reason.
     similar = load_similar(cfg.index, cfg.checkpoint, meta, cfg.device) if cfg.index else None
@@ -95,9 +95,10 @@ def create_app(cfg: ServeConfig, runtime=None) -> FastAPI:
         if embed_batcher:
             embed_batcher.start()
         app.state.ready = True
-        log.info("serving model %r (%s, %s, %d classes, input 3x%dx%d) at http://%s:%d/  batch <= %d, delay %g ms",
-                 name, meta.arch, runtime.name, len(meta.classes), meta.image_size, meta.image_size, cfg.host,
-                 cfg.port, cfg.max_batch_size, cfg.max_queue_delay_ms)  # fmt: skip
+        log.info("serving model %r (%s, %s, %d classes, input 3x%dx%d) at http://%s:%d/  batch <= %d, delay %g ms, "
+                 "%d instance(s) on %d thread(s) each", name, meta.arch, runtime.name, len(meta.classes),
+                 meta.image_size, meta.image_size, cfg.host, cfg.port, cfg.max_batch_size, cfg.max_queue_delay_ms,
+                 cfg.instances, cfg.model_threads)  # fmt: skip
         if similar:
             log.info("similar-image search on: %d images of %s (%s index) at POST /v2/models/%s/similar?k=K",
                      len(similar), similar.folder, similar.meta.get("index"), name)  # fmt: skip

@@ -1,5 +1,6 @@
 """Dynamic batching: concurrent requests are gathered up to a batch size or a queue delay, run as one forward
-pass in a single model thread, and answered separately."""
+pass in a model thread, and answered separately. Several model instances (Triton's instance group) each gather and
+run their own batch, at the same time."""
 
 from __future__ import annotations
 
@@ -26,32 +27,34 @@ class _Pending:
 class DynamicBatcher:
     """``await batcher.submit(x)`` returns ``run(x)`` for an N-row float32 batch ``x``, computed together with other
     requests that arrived within ``max_delay_s`` of the first, up to ``max_batch_size`` rows. A request larger than
-    ``max_batch_size`` is never split: it runs alone."""
+    ``max_batch_size`` is never split: it runs alone.
+
+    ``instances``: model threads, each gathering its batch while the others compute theirs (``run`` must allow
+    concurrent calls: a PyTorch module in inference mode and an ONNX Runtime session do)."""
 
     def __init__(self, run: Callable[[np.ndarray], np.ndarray], max_batch_size: int, max_delay_s: float,
-                 on_batch: Callable[[int, list[float]], None] | None = None):  # fmt: skip
+                 on_batch: Callable[[int, list[float]], None] | None = None, instances: int = 1):  # fmt: skip
         self.run, self.max_batch_size, self.max_delay_s = run, max_batch_size, max_delay_s
         self.on_batch = on_batch or (lambda size, queue_times: None)
         # A deque and an event rather than asyncio.Queue: waiting on the event with a timeout can never lose an item.
         self.pending: deque[_Pending] = deque()
         self.arrived = asyncio.Event()
-        # One thread owns the model: batches run one after another, and the event loop stays free meanwhile.
-        self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="model")
-        self.task: asyncio.Task | None = None
+        # Each instance's thread runs its batches one after another; the event loop stays free meanwhile.
+        self.instances = instances
+        self.executor = concurrent.futures.ThreadPoolExecutor(instances, thread_name_prefix="model")
+        self.tasks: list[asyncio.Task] = []
 
     def start(self) -> None:
-        self.task = asyncio.get_running_loop().create_task(self._loop())
+        loop = asyncio.get_running_loop()
+        self.tasks = [loop.create_task(self._loop()) for _ in range(self.instances)]
 
     async def stop(self) -> None:
         """Answer everything already queued, then stop (the server calls this after its last request finished)."""
         while self.pending:
             await asyncio.sleep(0.01)
-        if self.task:
-            self.task.cancel()
-            try:
-                await self.task
-            except asyncio.CancelledError:
-                pass
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
         self.executor.shutdown(wait=True)
 
     async def submit(self, batch: np.ndarray) -> np.ndarray:
@@ -77,8 +80,10 @@ class DynamicBatcher:
         group, rows = [first], len(first.batch)
         deadline = time.perf_counter() + self.max_delay_s
         while rows < self.max_batch_size:
-            if not self.pending and not await self._wait(deadline - time.perf_counter()):
-                break
+            if not self.pending:
+                if not await self._wait(deadline - time.perf_counter()):
+                    break
+                continue  # another instance may have taken what arrived
             if rows + len(self.pending[0].batch) > self.max_batch_size:
                 break  # it opens the next batch: order is kept
             item = self.pending.popleft()

@@ -76,8 +76,11 @@ class ServeConfig:
     max_image_pixels: int = opt(40_000_000, "largest decoded image (width x height); larger ones get 400")
     workers: int = opt(2, "threads decoding and preprocessing image bytes (kept off the event loop)")
     threads: int | None = opt(None, "CPU threads of one forward pass (torch's intra-op threads, ONNX Runtime's "
-                              "intra-op pool; default: the usable cores less one, so that the HTTP loop and the "
-                              "decoding keep a core of their own)")  # fmt: skip
+                              "intra-op pool; default: the usable cores less one, shared among the instances, so "
+                              "that the HTTP loop and the decoding keep a core of their own)")  # fmt: skip
+    instances: int = opt(2, "model instances computing batches at the same time (Triton's instance group), each on "
+                         "--threads threads: while one computes, the other's batch is gathered, decoded and "
+                         "answered")  # fmt: skip
     top_k: int = opt(5, "class names and scores returned per image unless a request asks otherwise")
     index: str | None = opt(None, "an index folder written by `convnets embed` with this checkpoint: the server then "
                             "also answers POST /v2/models/NAME/similar?k=K")  # fmt: skip
@@ -87,7 +90,7 @@ class ServeConfig:
         if self.threads is not None:
             return self.threads
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        return max(1, cores - 1)
+        return max(1, (cores - 1) // self.instances)
 
     def check(self) -> ServeConfig:
         if bool(self.checkpoint) == bool(self.model_dir):
@@ -97,7 +100,14 @@ class ServeConfig:
             raise UserError("serve --index needs --checkpoint FILE (the one the index was built with), not --model-dir")
         if self.threads is not None and self.threads < 1:
             raise UserError(f"--threads must be at least 1, got {self.threads}")
-        for name, low in (("max_batch_size", 1), ("workers", 1), ("top_k", 1), ("max_image_pixels", 1), ("port", 0)):
+        for name, low in (
+            ("max_batch_size", 1),
+            ("workers", 1),
+            ("instances", 1),
+            ("top_k", 1),
+            ("max_image_pixels", 1),
+            ("port", 0),
+        ):
             if getattr(self, name) < low:
                 raise UserError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
         for name in ("max_queue_delay_ms", "max_body_mb"):
