@@ -113,7 +113,7 @@ def main() -> None:
                                                                  "--model-dir", "/models"]),
         "slim image, onnxruntime, export": (args.serve_image, export, []),
     }  # fmt: skip
-    results = {}
+    results, load_before = {}, os.getloadavg()
     for label, (image, mounts, command) in rows.items():
         results[label] = serve_and_load(image, mounts, command, args.model, args)
         print(label, json.dumps(results[label]), flush=True)
@@ -121,8 +121,9 @@ def main() -> None:
                                    text=True, check=True).stdout) for i in (args.image, args.serve_image)}  # fmt: skip
     report = {"clients": args.clients, "seconds": args.seconds, "request": "one 64x64 PNG (binary tensor)",
               "results": results, "image_size_bytes": sizes,
+              "server": "convnets serve's defaults (model instances, threads, batching)",
               "host": {"cpus": os.cpu_count(), "machine": platform.machine(),
-                       "note": "shared with other sessions' builds and tests while measured"}}  # fmt: skip
+                       "loadavg_before": load_before, "loadavg_after": os.getloadavg()}}  # fmt: skip
     if args.out:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
