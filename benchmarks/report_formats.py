@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent  # the repository
+
 
 def is_formats_result(r: dict) -> bool:
     return r.get("kind") == "formats"
@@ -56,11 +58,17 @@ def formats_section(devices: list, plots: Path, save, log_axes) -> list[str]:
             lines += [f"### {r['arch']}, {r['image_size']} px, on {dev.label} (`{r['_file']}`)", "",
                       f"{r['iterations']} timed iterations after {r['warmup']} warm-up, {r['threads']} threads; "
                       f"top-1 on {r['formats'] and next(iter(r['formats'].values()))['eval_images']} images of "
-                      f"`{r['data']}`.", "", *formats_table(r), ""]  # fmt: skip
+                      f"`{shown_path(r['data'])}`.", "", *formats_table(r), ""]  # fmt: skip
         name = plot_formats(dev, plots, save, log_axes)
         if name:
             lines += [f"![speed against accuracy, every format](plots/{name})", ""]
     return lines
+
+
+def shown_path(path: str) -> str:
+    """A data path inside this repository relative to it (the machine's own folders stay out of the report)."""
+    full = Path(path).resolve()
+    return str(full.relative_to(ROOT)) if full.is_relative_to(ROOT) else path
 
 
 def plot_formats(dev, plots: Path, save, log_axes) -> str | None:
