@@ -218,14 +218,15 @@ def model_images_per_s(checkpoint: str, batch: int, threads: int, seconds: float
 
 
 def served_config(serve_args: list[str]):
-    """Our server's configuration with ``serve_args`` (its model threads and instances, defaults included)."""
+    """Our server's configuration with ``serve_args``, read by the `serve` command's own options (its model threads
+    and instances, defaults included)."""
+    from common import config
     from common.serving.config import ServeConfig
 
-    def given(flag: str) -> int | None:
-        return int(serve_args[serve_args.index(flag) + 1]) if flag in serve_args else None
-
-    instances = given("--instances")
-    return ServeConfig(checkpoint="-", threads=given("--threads"), **({"instances": instances} if instances else {}))
+    parser = argparse.ArgumentParser(prog="--serve-args")
+    config.add_arguments(parser, ServeConfig)
+    typed = vars(parser.parse_args(["--checkpoint", "-", *serve_args]))  # only what was typed: defaults suppressed
+    return config.resolve(ServeConfig, typed)
 
 
 def mean_batch(url: str) -> float | None:
