@@ -29,6 +29,7 @@ import io
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import statistics
@@ -296,13 +297,23 @@ def main() -> None:
     p.add_argument("--serve-args", default="", help="more options for our server, e.g. '--threads 2'")
     p.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/<device>/serve_compare.json")
     args = p.parse_args()
+    # The servers' logs (and the untrained checkpoint) live here while the servers run; they are kept only when
+    # something fails, for the reader of the error.
+    workdir = Path(tempfile.mkdtemp(prefix="serve_compare_"))
+    try:
+        compare(args, workdir)
+    except BaseException:
+        print(f"serve_compare: the servers' logs are kept in {workdir}", file=sys.stderr)
+        raise
+    shutil.rmtree(workdir, ignore_errors=True)
 
+
+def compare(args: argparse.Namespace, workdir: Path) -> None:
     import torch
 
     from common.benchmark import device_name
     from common.serving.export import load_checkpoint_model
 
-    workdir = Path(tempfile.mkdtemp(prefix="serve_compare_"))
     checkpoint = args.checkpoint or str(make_checkpoint(workdir / "resnet18.pt"))
     _, meta = load_checkpoint_model(checkpoint, torch.device("cpu"))
     args.image_size = meta.image_size

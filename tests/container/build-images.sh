@@ -39,4 +39,7 @@ for target in full serve-onnx; do
     --build-arg "DLLOGGER_REF=${DLLOGGER_REF:-}" --target "$target" -t "$name" . >&2
   echo "$target $name: $((SECONDS - started)) s, $(docker image inspect -f '{{.Size}}' "$name") bytes" >&2
 done
+# The images these tags named before (untagged now that a source change rebuilt them) would pile up in the
+# engine's cache, run after run; the layers the new images still use stay.
+docker image prune -f >&2
 echo "$base"
