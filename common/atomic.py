@@ -10,8 +10,23 @@ from pathlib import Path
 from typing import BinaryIO
 
 
+def _umask() -> int:
+    """The process's umask. Linux reports it in /proc; elsewhere setting and restoring it is the only way to read it
+    (a moment in which another thread's new file would get mode 0o666 minus nothing)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """``write(f)`` into a temporary file in the same folder, fsync it, then rename it over ``path``.
+    """``write(f)`` into a temporary file in the same folder, fsync it, then rename it over ``path``, with the
+    permissions a plain ``open(path, "w")`` would give it.
 
     A crash at any moment leaves either the old file or the new one, never a torn one; a failing ``write``
     leaves the old file and no temporary one.
@@ -20,6 +35,10 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp makes the file readable by its owner alone; the file it becomes gets the mode open() would give
+        # it (0o644 under the usual umask): a checkpoint or export written by the image's user (uid 10001) is read
+        # on the host, and one written on the host is mounted read-only into that user's container.
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

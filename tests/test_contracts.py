@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import os
 import pickle
+import stat
 
 import numpy as np
 import pytest
 import torch
 
 from common import config
+from common.atomic import atomic_write_text
 from common.checkpoint import CheckpointManager, atomic_save, load_checkpoint
 from common.data import PipelineSpec, build_loader, eval_shard, scan_split, train_shard
 from common.errors import UserError
@@ -154,6 +157,23 @@ def test_atomic_save_and_rotation(tmp_path):
         atomic_save({"bad": lambda: 0}, tmp_path / "best.pt")
     assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 1
     assert not list(tmp_path.glob(".*tmp"))
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_atomic_writes_get_the_permissions_open_gives(tmp_path, umask):
+    # mkstemp's 0o600 made every checkpoint, export and result file unreadable to any other user: a host export
+    # mounted into the image's uid 10001 failed with PermissionError on convnets.json.
+    previous = os.umask(umask)
+    try:
+        (tmp_path / "plain.txt").write_text("x")
+        atomic_write_text(tmp_path / "atomic.txt", "x")
+        atomic_save({"a": 1}, tmp_path / "best.pt")
+    finally:
+        os.umask(previous)
+    expected = stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode)
+    assert expected == 0o666 & ~umask
+    for name in ("atomic.txt", "best.pt"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == expected, name
 
 
 def test_batch_metrics_stay_on_the_logits_device():
