@@ -68,7 +68,8 @@ def missing() -> str | None:
 
 @pytest.fixture(scope="module")
 def engine() -> dict:
-    """The environment whose DOCKER_HOST reaches an engine; one started here is stopped at the end."""
+    """The environment whose DOCKER_HOST reaches an engine; one started here is stopped at the end, one that was
+    running already (CI's, a user's) is left running."""
     reason = missing()
     if reason:
         pytest.skip(reason)
@@ -76,12 +77,13 @@ def engine() -> dict:
     assert started.returncode == 0, started.stderr
     env = dict(os.environ)
     for line in started.stdout.splitlines():
-        if line.startswith("export DOCKER_HOST="):
-            env["DOCKER_HOST"] = line.split("=", 1)[1]
+        if line.startswith("export "):
+            env.update(word.split("=", 1) for word in line.split()[1:])
     if subprocess.run(["docker", "buildx", "version"], capture_output=True, env=env).returncode != 0:
         env["DOCKER_BUILDKIT"] = "0"  # Debian's docker.io has no buildx: the classic builder
     yield env
-    subprocess.run([SCRIPTS / "engine.sh", "stop"], check=False)
+    if env.get("CONVNETS_ENGINE_STARTED") != os.environ.get("CONVNETS_ENGINE_STARTED"):
+        subprocess.run([SCRIPTS / "engine.sh", "stop"], check=False)
 
 
 def docker(env: dict, *args: str, check: bool = True, timeout: int = 600, **kwargs) -> subprocess.CompletedProcess:

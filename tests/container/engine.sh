@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A Docker engine for the container tests (and for anyone without one running):
 #   eval "$(tests/container/engine.sh start)"   # exports DOCKER_HOST: the running engine, or one started here
+#                                               # (then also CONVNETS_ENGINE_STARTED=its PID: whoever sees it stops it)
 #   tests/container/engine.sh stop              # stops the engine this script started (by its PID), nothing else
 # Docker rather than podman: dockerd runs the images' HEALTHCHECKs itself (podman schedules them with systemd timers,
 # which a machine or CI runner without systemd does not have), and the README's commands are docker's.
@@ -33,7 +34,7 @@ case ${1:-} in
       --data-root "$STATE_DIR/docker" --exec-root "$RUN_DIR/exec" --pidfile "$PIDFILE" -H "$SOCKET" \
       >"$RUN_DIR/dockerd.log" 2>&1 &
     for _ in $(seq 100); do
-      running "$SOCKET" && { echo "export DOCKER_HOST=$SOCKET"; exit 0; }
+      running "$SOCKET" && { echo "export DOCKER_HOST=$SOCKET CONVNETS_ENGINE_STARTED=$(cat "$PIDFILE")"; exit 0; }
       sleep 0.2
     done
     tail -n 20 "$RUN_DIR/dockerd.log" >&2
