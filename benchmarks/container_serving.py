@@ -1,11 +1,12 @@
 """Serving throughput of the full and the slim image on the same model and the same clients.
 
     python benchmarks/container_serving.py --checkpoint runs/q/best.pt --export runs/q/onnx \
-        --image convnets:test --serve-image convnets-serve:test --out benchmarks/results/container_serving.json
+        --image convnets:test --serve-image convnets-serve:test --out benchmarks/results/cpu/container_serving.json
 
 Each server runs in a container with the chart's security context and host networking (one at a time, OMP and
 decoding threads at their defaults); ``--clients`` tritonclient threads send one PNG each per request for
-``--seconds`` after a warm-up. Rows: the full image with the torch runtime on the checkpoint, the full image with
+``--seconds`` after a warm-up, every row once per round (``--rounds``, the order rotated), each row's median
+round reported. Rows: the full image with the torch runtime on the checkpoint, the full image with
 ONNX Runtime on the export, the slim image (ONNX Runtime, no torch) on the export. Needs DOCKER_HOST set."""
 
 from __future__ import annotations
@@ -73,11 +74,20 @@ def load(url: str, model: str, clients: int, seconds: float) -> dict:
             "latency_p99_ms": round(float(np.percentile(ms, 99)), 2)}  # fmt: skip
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median requests/s (the lower middle one of an even count), and every round's figure."""
+    ordered = sorted(runs, key=lambda run: run["requests_per_s"])
+    return {**ordered[(len(ordered) - 1) // 2], "requests_per_s_rounds": [run["requests_per_s"] for run in runs]}
+
+
 def serve_and_load(image: str, mounts: list[str], command: list[str], model: str, args) -> dict:
     port = free_port()
     name = f"convnets-bench-{port}"
-    subprocess.run(["docker", "run", "-d", "--name", name, *SECURE, *mounts, "-e", f"SERVE_PORT={port}", image,
-                    *(c.replace("PORT", str(port)) for c in command)], check=True, capture_output=True)  # fmt: skip
+    argv = ["docker", "run", "-d", "--name", name, *SECURE, *mounts, "-e", f"SERVE_PORT={port}", image,
+            *(c.replace("PORT", str(port)) for c in command)]  # fmt: skip
+    started = subprocess.run(argv, capture_output=True, text=True)
+    if started.returncode != 0:
+        raise SystemExit(f"docker run {image} failed ({started.returncode}): {started.stderr.strip()}")
     try:
         deadline = time.time() + 180
         while True:
@@ -101,6 +111,12 @@ def main() -> None:
     p.add_argument("--model", default="resnet18", help="the model name (the checkpoint's arch)")
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--seconds", type=float, default=20)
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="every row once per round, the order rotated each round; each row's median is reported",
+    )
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     ckpt = ["-v", f"{args.checkpoint.resolve().parent}:/models:ro"]
@@ -113,19 +129,28 @@ def main() -> None:
                                                                  "--model-dir", "/models"]),
         "slim image, onnxruntime, export": (args.serve_image, export, []),
     }  # fmt: skip
-    results, load_before = {}, os.getloadavg()
-    for label, (image, mounts, command) in rows.items():
-        results[label] = serve_and_load(image, mounts, command, args.model, args)
-        print(label, json.dumps(results[label]), flush=True)
+    # Rounds in rotated order, medians: with one fixed order a row that always runs last cannot be told from the
+    # machine warming up or loading during the run.
+    labels, load_before = list(rows), os.getloadavg()
+    runs: dict[str, list[dict]] = {label: [] for label in labels}
+    for r in range(args.rounds):
+        for label in labels[r % len(labels) :] + labels[: r % len(labels)]:
+            image, mounts, command = rows[label]
+            runs[label].append(serve_and_load(image, mounts, command, args.model, args))
+            print(f"round {r + 1}:", label, json.dumps(runs[label][-1]), flush=True)
+    results = {label: median_run(runs[label]) for label in labels}
     sizes = {i: int(subprocess.run(["docker", "image", "inspect", "-f", "{{.Size}}", i], capture_output=True,
                                    text=True, check=True).stdout) for i in (args.image, args.serve_image)}  # fmt: skip
-    report = {"clients": args.clients, "seconds": args.seconds, "request": "one 64x64 PNG (binary tensor)",
-              "results": results, "image_size_bytes": sizes,
+    report = {"clients": args.clients, "seconds": args.seconds, "rounds": args.rounds,
+              "request": "one 64x64 PNG (binary tensor)",
+              "results": results, "runs": runs, "image_size_bytes": sizes,
               "server": "convnets serve's defaults (model instances, threads, batching)",
               "host": {"cpus": os.cpu_count(), "machine": platform.machine(),
                        "loadavg_before": load_before, "loadavg_after": os.getloadavg()}}  # fmt: skip
     if args.out:
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        tmp = args.out.with_name(args.out.name + ".tmp")
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        tmp.replace(args.out)
     print(json.dumps(report, indent=2))
 
 
