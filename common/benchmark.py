@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from common.atomic import ensure_writable
 from common.builders import build_model
 from common.checkpoint import atomic_write_text
 from common.config import BenchmarkConfig, TrainConfig
@@ -72,6 +73,8 @@ def _time_loop(step_fn, batches, warmup: int, iterations: int, device) -> tuple[
 
 def run_benchmark(cfg: BenchmarkConfig) -> dict:
     """Time one mode and return (and optionally write) the result dictionary."""
+    if cfg.json:
+        ensure_writable(Path(cfg.json).parent, "the result")  # before the measurement, which is lost otherwise
     device = resolve_device(cfg.device)
     cfg = dataclasses.replace(cfg, amp=resolve_amp(cfg.amp, device))
     spec = get_model_spec(cfg.arch)

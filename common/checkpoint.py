@@ -14,7 +14,7 @@ import torch
 
 # atomic_write_text lives with atomic_write in common.atomic (torch-free); imported here too, where the writers of
 # results and reports have long found it.
-from common.atomic import atomic_write, atomic_write_text  # noqa: F401
+from common.atomic import atomic_write, atomic_write_text, remove_partial_writes  # noqa: F401
 from common.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,10 @@ class CheckpointManager:
         return path
 
     def load_latest(self) -> tuple[dict, Path] | None:
-        """The newest epoch checkpoint that loads; a corrupt one is reported and the previous one tried."""
+        """The newest epoch checkpoint that loads; a corrupt one is reported and the previous one tried. The
+        temporary files of saves killed mid-way are removed first (nothing else writes into the run folder now)."""
+        for partial in remove_partial_writes(self.folder):
+            log.info("--resume auto: removed %s, left by a checkpoint save that was interrupted", partial)
         for path in reversed(self.epoch_files()):
             try:
                 return load_checkpoint(path), path

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import logging
 import os
 import sys
 
 from common import config
-from common.errors import UserError
+from common.errors import UserError, access_hint
 
 log = logging.getLogger("convnets")
 
@@ -252,6 +253,13 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS) or e.filename is None:
+            raise
+        # A folder of the host's user in a container (or the other way round), a read-only mount: one line naming
+        # the file and what to do, not a traceback (the other ranks of a torchrun job print the same line).
+        print(f"error: {e.strerror}: {e.filename} ({access_hint()})", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

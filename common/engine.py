@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from common import distributed as dist
+from common.atomic import ensure_writable
 from common.builders import BackboneStages, build_model
 from common.checkpoint import CheckpointManager, atomic_write_text, load_checkpoint, restore_rng, rng_state
 from common.config import TrainConfig
@@ -330,6 +331,8 @@ def train(cfg: TrainConfig) -> dict:
     rt = dist.init_distributed(cfg.device)
     cfg = set_up_runtime(cfg, rt)
     plan = plan_run(cfg, spec, rt)
+    if rt.is_main:  # before the image check and the data loaders, which take minutes on a large data set
+        ensure_writable(plan.output, "the run")
     data = build_data(cfg, plan.backend, pipeline_spec(cfg, plan.image_size, plan.resize), rt.device, rt.rank,
                       rt.world_size)  # fmt: skip
     num_classes = count_classes(cfg, data)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from common.atomic import ensure_writable
 from common.builders import build_model
 from common.checkpoint import atomic_write_text, load_checkpoint
 from common.config import EvaluateConfig, PredictConfig
@@ -116,6 +117,9 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     trained = load_trained(cfg.checkpoint, device, cfg.width_mult, cfg.batch_size, cfg.workers)
     root = Path(cfg.data)
     split = root / "val" if (root / "val").is_dir() else root
+    # Beside the checkpoint by default, which may be another user's folder or a read-only mount: said before the work.
+    output = Path(cfg.output) if cfg.output else Path(cfg.checkpoint).parent / f"eval_{split.name}"
+    ensure_writable(output, "the evaluation", instead="; or pass --output DIR")
     images = scan_split(split, classes=trained.classes)
     if images.multilabel != trained.multilabel:
         kinds = ("multi-label (labels.csv)", "single-label (class folders)")
@@ -125,8 +129,6 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     (images,) = drop_bad_images([images], cfg.image_check, cfg.skip_bad_images, cfg.workers,
                                 dali=backend.startswith("dali"))  # fmt: skip
     loader = build_loader(backend, images, trained.pipeline, train=False, device=device)
-    output = Path(cfg.output) if cfg.output else Path(cfg.checkpoint).parent / f"eval_{split.name}"
-    output.mkdir(parents=True, exist_ok=True)
     head = {"checkpoint": str(cfg.checkpoint), "data": str(split), "arch": trained.config["arch"]}
     if trained.multilabel:
         metrics = head | multilabel_metrics(trained, loader, split, cfg.json)

@@ -61,10 +61,12 @@ class RunLogger:
             path.parent.mkdir(parents=True, exist_ok=True)
             try:
                 import dllogger  # installed in the container from NVIDIA's repository; not on PyPI
-
+            except ImportError:
+                dllogger = None  # (opening the file outside this handler: its errors are not chained to this one)
+            if dllogger is not None:
                 dllogger.init(backends=[dllogger.JSONStreamBackend(dllogger.Verbosity.VERBOSE, str(path), append=True)])
                 self.dllogger = dllogger
-            except ImportError:
+            else:
                 self.file = open(path, "a", buffering=1)  # noqa: SIM115 - lives as long as the run
 
     def _write(self, kind: str, step, data: dict) -> None:

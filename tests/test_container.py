@@ -175,6 +175,22 @@ def host_predict(checkpoint: Path, image: Path) -> dict:
     return {t["class"]: t["prob"] for t in json.loads(line)["top"]}
 
 
+def test_a_folder_the_images_user_cannot_write_is_named_at_once(engine, images, volumes):
+    # Made by the host's user (mode 755): the image's user, uid 10001, may not write in it. Before, a traceback ended
+    # in PermissionError after the image check; now one line names the folder, the uid and what to do.
+    theirs = volumes["root"] / "not-the-images-user"
+    theirs.mkdir(mode=0o755)
+    proc = docker(engine, "run", "--rm", *SECURE, "-v", f"{volumes['data']}:/data:ro", "-v",
+                  f"{theirs}:/workspace/runs", IMAGE, "convnets", "train", "--data", "/data", "--output",
+                  "/workspace/runs/r18", *TRAIN, check=False)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert errors[0].startswith("error: cannot write the run to /workspace/runs/r18: Permission denied"), errors
+    assert "runs as uid 10001, gid 10001" in errors[0] and "--user" in errors[0], errors
+    assert "image check" not in proc.stderr and list(theirs.iterdir()) == []
+
+
 def test_evaluate_and_predict_read_the_checkpoint(engine, volumes, trained):
     ckpt = "/workspace/runs/quickstart/best.pt"
     proc = docker(engine, "run", "--rm", *run_args(volumes), IMAGE, "convnets", "evaluate", "--checkpoint", ckpt,

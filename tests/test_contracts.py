@@ -5,11 +5,15 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
+import signal
 import stat
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 
 from common import config
 from common.atomic import atomic_write_text
@@ -157,6 +161,31 @@ def test_atomic_save_and_rotation(tmp_path):
         atomic_save({"bad": lambda: 0}, tmp_path / "best.pt")
     assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 1
     assert not list(tmp_path.glob(".*tmp"))
+
+
+KILLED_SAVE = """import os, signal, sys
+from pathlib import Path
+from common.atomic import atomic_write
+def write(f):
+    f.write(b"x" * 4096)
+    f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)  # docker kill in the middle of a checkpoint save
+atomic_write(Path(sys.argv[1]), write)
+"""
+
+
+def test_resume_removes_what_a_killed_save_left_and_nothing_else(tmp_path):
+    manager = CheckpointManager(tmp_path)
+    manager.save({"epoch": 0}, 0, is_best=True)
+    killed = subprocess.run([sys.executable, "-c", KILLED_SAVE, str(tmp_path / "checkpoint_epoch_0001.pt")], cwd=ROOT)
+    assert killed.returncode == -signal.SIGKILL
+    partial = [p for p in tmp_path.iterdir() if p.name.startswith(".checkpoint_epoch_0001.pt.")]
+    assert len(partial) == 1 and partial[0].stat().st_size == 4096
+    (tmp_path / ".keep").write_text("")
+    (tmp_path / "notes.tmp").write_text("")
+    state, path = manager.load_latest()
+    assert (state["epoch"], path.name) == (0, "checkpoint_epoch_0000.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".keep", "best.pt", "checkpoint_epoch_0000.pt", "notes.tmp"]
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.atomic import ensure_writable
 from common.checkpoint import atomic_write_text
 from common.errors import UserError
 from common.evaluation import class_probabilities
@@ -142,6 +143,7 @@ def export_model(cfg: ExportConfig) -> Path:
         meta.input_name, meta.output_name = TORCHSCRIPT_NAMES
     meta = dataclasses.replace(meta, format=cfg.format, model_file=MODEL_FILES[cfg.format], channels_last=False)
     out = Path(cfg.out)
+    ensure_writable(out, "the export")  # before the export, its check and a TensorRT build (minutes)
     path = out / MODEL_FILES[cfg.format]
     x = _example(meta, 3)
     beside: dict[str, bytes] = {}  # other files of the export folder (TensorRT's calibration cache)
