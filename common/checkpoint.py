@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import pickle
 import random
@@ -40,6 +41,9 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
         return torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError, OSError) as e:
         reason = str(e).strip().split("\n")[0][:200]
+        if reason.startswith("Weights only load failed"):
+            # torch goes on to suggest weights_only=False: arbitrary code from the file, never our advice.
+            reason = "not a file of tensors and plain values that torch.load can read safely"
         raise UserError(
             f"checkpoint {path} cannot be read (truncated, corrupt or not a checkpoint): {reason}"
         ) from None
@@ -92,6 +96,15 @@ def restore_rng(saved: list[dict] | dict, rank: int, world: int, fallback_seed: 
     torch.manual_seed(fallback_seed + rank)
     np.random.seed(fallback_seed + rank)
     random.seed(fallback_seed + rank)
+
+
+def checkpoint_sha256(path: str) -> str:
+    """The file's sha256: what ties an index to the exact weights it was built with (a path can be overwritten)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 class CheckpointManager:

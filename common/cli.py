@@ -125,7 +125,10 @@ def cmd_prepare(args) -> int:
         bad = check_tree(Path(cfg.check), cfg.workers)
         return 1 if bad else 0
     if cfg.dataset is None:
-        raise UserError("prepare needs a data set name (fashion-mnist) or --check DIR")
+        raise UserError(
+            "prepare needs what to prepare: fashion-mnist, folder --src RAW (your class folders), "
+            "csv --csv FILE (path,label rows), or --check DIR"
+        )
     if cfg.out is None:
         raise UserError("prepare fashion-mnist needs --out DIR")
     prepare_fashion_mnist(Path(cfg.out), Path(cfg.source) if cfg.source else None, cfg.workers)

@@ -347,6 +347,7 @@ class EmbedConfig(DeviceConfig):
     workers: int = opt(default_workers(4), "decoding worker processes (0: none)")
     index_type: str = opt("auto", "faiss index: exact (flat), HNSW graph (hnsw), or flat up to 50,000 images (auto)",
                           ("auto", "flat", "hnsw"))  # fmt: skip
+    overwrite: bool = opt(False, "replace the index already in --out")
 
 
 @dataclass

@@ -16,6 +16,7 @@ from PIL import Image
 
 from common import config
 from common.cli import build_parser
+from common.errors import UserError
 from common.owndata.embed import build_index, run_embed, run_similar
 from tests.conftest import ROOT
 from tests.test_organize import write_tiny_checkpoint
@@ -64,6 +65,19 @@ def test_the_index_holds_the_penultimate_layer_of_every_readable_image(index):
         trained.model(Normalizer(torch.device("cpu"), False)(image))
     expected = torch.nn.functional.normalize(seen[0], dim=1)[0].numpy()
     assert np.allclose(vectors[7], expected, atol=1e-4)
+
+
+def test_an_existing_index_is_replaced_only_with_overwrite(index, tmp_path):
+    root, checkpoint = index
+    out = tmp_path / "index"
+    values = {"checkpoint": str(checkpoint), "out": str(out), "device": "cpu", "workers": 0, "batch_size": 16}
+    assert run_embed(config.resolve(config.EmbedConfig, {**values, "paths": [str(root / "photos" / "set1")]})) == 0
+    before = (out / "paths.txt").read_text()
+    with pytest.raises(UserError, match=f"--out {out} holds an index already; .* --overwrite"):
+        run_embed(config.resolve(config.EmbedConfig, {**values, "paths": [str(root / "photos")]}))
+    assert (out / "paths.txt").read_text() == before
+    run_embed(config.resolve(config.EmbedConfig, {**values, "paths": [str(root / "photos")], "overwrite": True}))
+    assert (out / "paths.txt").read_text() == (root / "index" / "paths.txt").read_text()
 
 
 def test_similar_finds_the_image_itself_first(index, capsys):

@@ -18,7 +18,8 @@ import torch
 from PIL import Image
 
 from common import config
-from common.owndata.organize import COLUMNS, part_files, read_decisions, run_organize
+from common.errors import UserError
+from common.owndata.organize import COLUMNS, SORTED_BY, part_files, read_decisions, run_organize
 from tests.conftest import ROOT
 
 CLASSES = ["bird", "cat", "dog"]
@@ -70,7 +71,7 @@ def organize(checkpoint, collection, out, **values) -> int:
 
 
 def placed_files(out: Path) -> list[Path]:
-    return [p for p in out.rglob("*") if p.is_file() and p.name != "decisions.csv"]
+    return [p for p in out.rglob("*") if p.is_file() and p.name not in ("decisions.csv", SORTED_BY)]
 
 
 def test_decisions_folders_and_min_confidence(setup, tmp_path):
@@ -95,6 +96,24 @@ def test_decisions_folders_and_min_confidence(setup, tmp_path):
         assert row["destination"] == f"{folder}/{os.path.relpath(path, collection)}"
         assert os.path.samefile(out / row["destination"], path)  # a hard link
     assert len(placed_files(out)) == len(files) - 2
+
+
+def test_a_folder_another_checkpoint_or_threshold_sorted_is_not_continued(setup, tmp_path):
+    # A rerun with another checkpoint used to say "0 to go" and keep the first model's folders, silently.
+    checkpoint, collection, files = setup
+    out = tmp_path / "sorted"
+    organize(checkpoint, collection, out, min_confidence=0.3)
+    before = (out / "decisions.csv").read_text()
+    state = torch.load(checkpoint, weights_only=True)
+    next(iter(state["model"].values())).add_(1)
+    torch.save(state, tmp_path / "retrained.pt")
+    with pytest.raises(UserError, match=f"sorted by {checkpoint} with --min-confidence 0.3 .*retrained.pt"):
+        organize(tmp_path / "retrained.pt", collection, out, min_confidence=0.3)
+    with pytest.raises(UserError, match="this run has .* with --min-confidence 0.5"):
+        organize(checkpoint, collection, out, min_confidence=0.5)
+    (tmp_path / "same.pt").write_bytes(checkpoint.read_bytes())  # the same weights under another name: continues
+    assert organize(tmp_path / "same.pt", collection, out, min_confidence=0.3) == 0
+    assert (out / "decisions.csv").read_text() == before
 
 
 def test_a_killed_run_restarts_where_it_stopped(setup, tmp_path, caplog):

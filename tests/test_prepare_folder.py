@@ -208,6 +208,45 @@ def test_csv_mode_reports_bad_rows_and_drops_an_image_labelled_twice(tmp_path):
     ).exists()
 
 
+def test_csv_rows_outside_the_root_stay_below_their_class_folder(tmp_path):
+    # ../raw/rocket/1.png was written to train/rocket/../raw/rocket/1.png: a class "raw", the rocket folder empty.
+    rng = np.random.default_rng(5)
+    raw, root = tmp_path / "raw", tmp_path / "root"
+    rows = [("path", "label")]
+    for label in ("rocket", "coffee"):
+        for folder in (raw / label, root / label):
+            folder.mkdir(parents=True)
+        for i in range(6):
+            smooth_image(rng).save(raw / label / f"{i}.png")
+            rows.append((f"../raw/{label}/{i}.png", label))
+        smooth_image(rng).save(root / label / "0.png")  # the same name once the ".." is gone
+        rows.append((f"raw/{label}/0.png", label))
+        (root / "raw" / label).mkdir(parents=True)
+        (root / label / "0.png").rename(root / "raw" / label / "0.png")
+    with open(tmp_path / "labels.csv", "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    out = tmp_path / "data"
+    result = prepare(out, dataset="csv", csv=str(tmp_path / "labels.csv"), root=str(root), val_fraction=0.3)
+    files = [p for split in ("train", "val", "test") if (out / split).is_dir() for p in (out / split).rglob("*.png")]
+    assert len(files) == 14 and all(p.resolve().is_relative_to(out.resolve()) for p in files)
+    assert {p.relative_to(out).parts[1] for p in files} == {"rocket", "coffee"}  # <split>/<class>/...
+    assert sum(sum(c.values()) for c in result.counts.values()) == 14
+    assert {split: sorted(p.name for p in (out / split).iterdir()) for split in ("train", "val")} == {
+        "train": ["coffee", "rocket"], "val": ["coffee", "rocket"]}  # fmt: skip
+
+
+def test_out_and_source_may_not_hold_each_other(raw, tmp_path):
+    # An --out inside the source became a class of the next prepare, which then dropped every image as a copy under
+    # several classes; a source inside --out would be replaced by the tree with --overwrite.
+    src = raw[0]
+    with pytest.raises(UserError, match="must not be the source folder or inside it"):
+        prepare(src / "prepared", dataset="folder", src=str(src))
+    assert not (src / "prepared").exists()
+    with pytest.raises(UserError, match="holds the source"):
+        prepare(src.parent, dataset="folder", src=str(src), overwrite=True)
+    assert src.is_dir() and any(src.iterdir())
+
+
 def test_multi_index_search_finds_exactly_the_brute_force_pairs():
     rng = np.random.default_rng(0)
     codes = rng.integers(0, 256, (1500, HASH_BITS // 8), dtype=np.uint8)

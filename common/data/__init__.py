@@ -130,7 +130,10 @@ def build_data(cfg: TrainConfig, backend: str, spec: PipelineSpec, device, rank:
         raise UserError(f"data folder {root} does not exist; pass --data DIR (an ImageFolder with train/ and val/)")
     for split in ("train", "val"):
         if not (root / split).is_dir():
-            raise UserError(f"data folder {root} has no {split}/ folder (expected {root}/{split}/<class>/*)")
+            raise UserError(
+                f"data folder {root} has no {split}/ folder (expected {root}/{split}/<class>/*); a folder "
+                f"of class folders is split by: convnets prepare folder --src {root} --out DATA"
+            )
     train_images = scan_split(root / "train")
     val_images = scan_split(root / "val", classes=train_images.classes)
     if train_images.multilabel != val_images.multilabel:

@@ -88,6 +88,11 @@ def list_folder(src: Path) -> list[Item]:
     return items
 
 
+def below(rel: str) -> str:
+    """``rel``'s folders and name with no root, "." or "..": a path that stays below the folder it is joined to."""
+    return os.path.join(*[part for part in Path(os.path.normpath(rel)).parts if part not in ("..", ".", os.sep)])
+
+
 def list_csv(csv_path: Path, root: Path | None, multi_label: bool = False) -> tuple[list[Item], dict[str, str]]:
     """Rows ``path,label`` (a header row ``path,label`` or ``path,labels`` is optional); paths are relative to
     ``root`` or absolute.
@@ -100,6 +105,7 @@ def list_csv(csv_path: Path, root: Path | None, multi_label: bool = False) -> tu
         raise UserError(f"--csv {csv_path} does not exist")
     root = root or csv_path.parent
     items, bad, seen = [], {}, {}  # seen: path -> (its item's index, its first row)
+    kept_paths: set[str] = set()
     with open(csv_path, newline="") as f:
         for n, row in enumerate(csv.reader(f), start=1):
             if not row or all(not c.strip() for c in row):
@@ -130,8 +136,14 @@ def list_csv(csv_path: Path, root: Path | None, multi_label: bool = False) -> tu
                 continue
             seen[path] = len(items), n
             label = LABEL_SEPARATOR.join(labels)
-            # Keep the path's folders below the class folder: two rows naming a/1.jpg and b/1.jpg stay apart.
-            items.append(Item(path, label, os.path.relpath(path, root) if not os.path.isabs(rel) else rel.lstrip("/")))
+            # Keep the path's folders below the class folder: two rows naming a/1.jpg and b/1.jpg stay apart. Without
+            # "..": ../raw/x.jpg was written to train/<label>/../raw/x.jpg, a class "raw" (or outside the tree).
+            kept = below(os.path.relpath(path, root) if not os.path.isabs(rel) else rel)
+            if kept in kept_paths:  # ../a/1.jpg and a/1.jpg, once their ".." is gone
+                stem, ext = os.path.splitext(kept)
+                kept = f"{stem}.row{n}{ext}"
+            kept_paths.add(kept)
+            items.append(Item(path, label, kept))
     if not items and not bad:
         raise UserError(f"--csv {csv_path} has no rows")
     return items, bad
@@ -235,14 +247,18 @@ def rarest_label(items: list[Item]):
     return lambda item: min(labels_of(item), key=lambda x: (frequency[x], x), default="(no label)")
 
 
+def group_pattern(group_by: str) -> re.Pattern:
+    try:
+        return re.compile(group_by)
+    except re.error as e:
+        raise UserError(f"--group-by {group_by!r} is not a valid regular expression: {e}") from None
+
+
 def split_units(items: list[Item], keep: list[int], group_by: str | None) -> list[list[int]]:
     """The kept items gathered into units that must stay on one side of the split (``--group-by`` keys)."""
     uf = UnionFind(len(keep))
     if group_by:
-        try:
-            pattern = re.compile(group_by)
-        except re.error as e:
-            raise UserError(f"--group-by {group_by!r} is not a valid regular expression: {e}") from None
+        pattern = group_pattern(group_by)
         first: dict[str, int] = {}
         for k, i in enumerate(keep):
             m = pattern.search(items[i].rel) or pattern.search(items[i].source)
@@ -323,6 +339,8 @@ def prepare_own(cfg) -> Prepared:
     if cfg.val_fraction + cfg.test_fraction >= 1:
         raise UserError(f"--val-fraction + --test-fraction must leave images for training, got "
                         f"{cfg.val_fraction} + {cfg.test_fraction}")  # fmt: skip
+    if cfg.group_by:
+        group_pattern(cfg.group_by)  # before the images are checked and hashed, not after
     if not 0 <= cfg.dup_radius <= 63:
         raise UserError(f"--dup-radius must be between 0 and 63 bits, got {cfg.dup_radius}")
     out = Path(cfg.out)
@@ -341,8 +359,13 @@ def prepare_own(cfg) -> Prepared:
             raise UserError("prepare csv needs --csv FILE (rows: path,label)")
         source = cfg.csv
         items, bad = list_csv(Path(cfg.csv), Path(cfg.root) if cfg.root else None, cfg.multi_label)
-    if Path(source).resolve() == out.resolve() or out.resolve() in Path(source).resolve().parents:
+    # Out inside the source: the next prepare of the source would take the tree for a class and drop every image
+    # as a copy under several classes. The source inside out: --overwrite would replace the source with the tree.
+    src, dst = Path(source).resolve(), out.resolve()
+    if src == dst or src in dst.parents:
         raise UserError(f"--out {out} must not be the source folder or inside it")
+    if dst in src.parents:
+        raise UserError(f"--out {out} holds the source {source}: pick an output folder outside it")
     log.info("%s: %d image files in %d classes", source, len(items), len({c for i in items for c in labels_of(i)}))
 
     hashes = inspect_all(items, cfg.workers)

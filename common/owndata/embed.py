@@ -14,7 +14,6 @@ could not be read): ``convnets serve --index`` refuses an index whose model diff
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.checkpoint import atomic_write_text
+from common.checkpoint import atomic_write_text, checkpoint_sha256
 from common.data import Normalizer, eval_transform, load_rgb
 from common.distributed import resolve_device
 from common.errors import UserError
@@ -68,15 +67,6 @@ def nearest(index, paths: list[str], vectors: np.ndarray, k: int) -> list[list[t
     ]
 
 
-def checkpoint_sha256(path: str) -> str:
-    """The file's sha256: what ties an index to the exact weights it was built with (a path can be overwritten)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def model_record(trained) -> dict:
     """What meta.json records of the embedding network: a query must be embedded by the same one."""
     return {"arch": trained.config["arch"], "image_size": trained.pipeline.image_size,
@@ -117,6 +107,8 @@ def run_embed(cfg) -> int:
         and not (out / "meta.json").is_file()
     ):
         raise UserError(f"--out {out} is a non-empty folder that is not an embedding index; pick another")
+    if (out / "meta.json").is_file() and not cfg.overwrite:
+        raise UserError(f"--out {out} holds an index already; pick another folder or pass --overwrite to replace it")
     runtime = dist.init_distributed(cfg.device)
     try:
         dist.barrier()  # every rank has checked --out before any writes its part there

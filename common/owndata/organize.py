@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import os
 import shutil
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from common.checkpoint import atomic_write_text
+from common.checkpoint import atomic_write_text, checkpoint_sha256
 from common.data import Normalizer, eval_transform
 from common.errors import UserError
 from common.owndata.collection import list_collection, read_batches
@@ -29,6 +30,8 @@ log = logging.getLogger("convnets")
 
 COLUMNS = ["path", "class", "confidence", "status", "destination", "error"]
 DECISIONS = "decisions.csv"
+# Which checkpoint and threshold made the decisions: a later run into the same folder must be the same sorting.
+SORTED_BY = "organize.json"
 
 
 def read_decisions(path: Path, repair: bool = True) -> dict[str, dict]:
@@ -128,6 +131,35 @@ def run_organize(cfg) -> int:
     return 1 if bad else 0
 
 
+def check_same_sorting(out: Path, cfg, decided: int) -> dict | None:
+    """Refuse to continue a folder another checkpoint or threshold sorted (its folders would mix two models'
+    decisions, and the files already decided would not be looked at again); the record to write when there is none
+    yet (else None)."""
+    record = {"checkpoint": os.path.abspath(cfg.checkpoint), "checkpoint_sha256": checkpoint_sha256(cfg.checkpoint),
+              "min_confidence": cfg.min_confidence}  # fmt: skip
+    path = out / SORTED_BY
+    if not path.is_file():
+        if decided:
+            log.warning("%s: %d images were sorted by an earlier run that did not record its checkpoint and "
+                        "--min-confidence; continuing as if it used these", out, decided)  # fmt: skip
+        return record
+    try:
+        earlier = json.loads(path.read_text())
+        same = (earlier["checkpoint_sha256"], earlier["min_confidence"]) == (record["checkpoint_sha256"],
+                                                                              record["min_confidence"])  # fmt: skip
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path} is not the record organize writes ({e}); remove it only if you know which "
+                        "checkpoint and --min-confidence sorted this folder") from None  # fmt: skip
+    if not same:
+        raise UserError(
+            f"--organize {out} was sorted by {earlier['checkpoint']} with --min-confidence {earlier['min_confidence']} "
+            f"(recorded in {path}); this run has {record['checkpoint']} with --min-confidence {cfg.min_confidence}, "
+            "which would mix two sortings and skip the files already decided: pick a new output folder, or rerun "
+            "with the earlier checkpoint and threshold to finish this one"
+        )
+    return None
+
+
 def organize_shard(cfg, device: torch.device, rank: int = 0, world: int = 1) -> int:
     """Sort this rank's share of the files no earlier run decided; returns how many could not be read."""
     from common.data import eval_shard
@@ -159,10 +191,14 @@ def organize_shard(cfg, device: torch.device, rank: int = 0, world: int = 1) -> 
     for part in part_files(out):  # an interrupted torchrun job's rows count as decided too
         done |= read_decisions(part, repair=part == target)
     pending = [f for f in files if f not in done]
+    decided = len(files) - len(pending)
+    sorted_by = check_same_sorting(out, cfg, decided)
     log.info("%s: %d images, %d sorted by an earlier run (%s), %d to go", base, len(files), len(files) - len(pending),
              decisions, len(pending))  # fmt: skip
     # Every rank must shard the same list: none may append to its file before all have read theirs.
     barrier()
+    if rank == 0 and sorted_by is not None:
+        atomic_write_text(out / SORTED_BY, json.dumps(sorted_by, indent=2))
     pending = [pending[i] for i in eval_shard(len(pending), rank, world)]
     normalize = Normalizer(device, trained.pipeline.channels_last)
     progress = Progress(len(pending), "organizing" if world == 1 else f"organizing (rank {rank})")
@@ -195,6 +231,7 @@ def organize_shard(cfg, device: torch.device, rank: int = 0, world: int = 1) -> 
     if chunk:
         append_rows(target, chunk)
     progress.close()
-    log.info("%s: %d sorted, %d uncertain (below %.2f), %d bad; every decision in %s", out, statuses["sorted"],
-             statuses["uncertain"], cfg.min_confidence, statuses["bad"], target)  # fmt: skip
+    earlier = f" (this run; {decided} decided by earlier runs)" if decided else ""
+    log.info("%s: %d sorted, %d uncertain (below %.2f), %d bad%s; every decision in %s", out, statuses["sorted"],
+             statuses["uncertain"], cfg.min_confidence, statuses["bad"], earlier, target)  # fmt: skip
     return statuses["bad"]

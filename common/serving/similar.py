@@ -73,7 +73,7 @@ class SimilarIndex:
 
 def mismatches(meta: dict, served: ModelMetadata, checkpoint: str) -> list[str]:
     """How the network an index was built with differs from the served one (empty when it is the same)."""
-    from common.owndata.embed import checkpoint_sha256
+    from common.checkpoint import checkpoint_sha256
 
     problems = []
     if meta.get("arch") != served.arch:
