@@ -18,6 +18,7 @@ import os
 import platform
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -26,6 +27,9 @@ from pathlib import Path
 import numpy as np
 import tritonclient.http as httpclient
 from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common.atomic import atomic_write_text  # noqa: E402  (torch-free)
 
 SECURE = ["--read-only", "--cap-drop", "ALL", "--user", "10001:10001", "--security-opt", "no-new-privileges",
           "--tmpfs", "/tmp:rw,size=256m", "--network", "host"]  # fmt: skip
@@ -148,9 +152,7 @@ def main() -> None:
               "host": {"cpus": os.cpu_count(), "machine": platform.machine(),
                        "loadavg_before": load_before, "loadavg_after": os.getloadavg()}}  # fmt: skip
     if args.out:
-        tmp = args.out.with_name(args.out.name + ".tmp")
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        tmp.replace(args.out)
+        atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
 
 

@@ -88,9 +88,10 @@ def ensure_writable(folder: Path, what: str, instead: str = "") -> None:
 def remove_partial_writes(folder: Path) -> list[Path]:
     """Remove the temporary files that writes killed mid-way left in ``folder`` (atomic_write's, by their names);
     call it only where no write into ``folder`` can be under way."""
-    removed = (
-        [p for p in Path(folder).iterdir() if PARTIAL.match(p.name) and p.is_file()] if Path(folder).is_dir() else []
-    )
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = [p for p in folder.iterdir() if PARTIAL.match(p.name) and p.is_file()]
     for p in removed:
         p.unlink(missing_ok=True)
     return removed

@@ -99,7 +99,8 @@ def restore_rng(saved: list[dict] | dict, rank: int, world: int, fallback_seed: 
 
 
 def checkpoint_sha256(path: str) -> str:
-    """The file's sha256: what ties an index to the exact weights it was built with (a path can be overwritten)."""
+    """The file's sha256: what ties an embedding index or an organized folder to the exact weights that made it (a
+    path can be overwritten)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

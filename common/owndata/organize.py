@@ -193,8 +193,8 @@ def organize_shard(cfg, device: torch.device, rank: int = 0, world: int = 1) -> 
     pending = [f for f in files if f not in done]
     decided = len(files) - len(pending)
     sorted_by = check_same_sorting(out, cfg, decided)
-    log.info("%s: %d images, %d sorted by an earlier run (%s), %d to go", base, len(files), len(files) - len(pending),
-             decisions, len(pending))  # fmt: skip
+    log.info("%s: %d images, %d sorted by an earlier run (%s), %d to go", base, len(files), decided, decisions,
+             len(pending))  # fmt: skip
     # Every rank must shard the same list: none may append to its file before all have read theirs.
     barrier()
     if rank == 0 and sorted_by is not None:
